@@ -1,0 +1,39 @@
+# Set-up and checks. `make demo` and `make test` each create .venv if missing and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export MPLBACKEND ?= Agg
+
+.PHONY: demo test lint bench-reference bench clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed-base: setup.py $(VENV)/bin/activate
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-tests: setup.py $(VENV)/bin/activate
+	$(PIP) install --quiet -e ".[tests]"
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) -m deel.influenciae.demo --output demo_output
+
+test: $(VENV)/.installed-tests
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+lint: $(VENV)/.installed-tests
+	$(PY) -m pylint --rcfile=.pylintrc deel/influenciae
+
+bench: $(VENV)/.installed-tests
+	$(PY) benchmarks/bench_first_order.py
+
+bench-reference: $(VENV)/.installed-tests
+	$(PY) benchmarks/compare_reference.py
+
+clean:
+	rm -rf $(VENV) demo_output build *.egg-info

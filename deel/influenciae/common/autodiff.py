@@ -1,0 +1,160 @@
+"""Compiled derivative kernels of a per-sample loss with respect to a flat vector of watched weights.
+
+This is the only module of the library that uses gradient tapes. A :class:`LossKernels` object turns
+(model, watched variables, loss) into pure functions of a flat parameter vector θ (length P), evaluated
+with ``model.stateless_call`` so that θ can be differentiated freely, and exposes compiled kernels:
+
+* ``per_sample_losses(batch) -> (B,)``
+* ``per_sample_gradients(batch) -> (B, P)``: vectorized over the batch (``tf.vectorized_map``)
+* ``summed_gradient(batch) -> (P,)``: gradient of the batch's summed loss
+* ``summed_hessian(batch) -> (P, P)``: Hessian of the batch's summed loss (never a (B, P, P) tensor)
+* ``summed_hvp(batch, vectors (P, K)) -> (P, K)``: Hessian of the summed loss times K vectors
+
+θ is read from the variables on every call, so the kernels always see the current weights.
+"""
+from typing import Any, Callable, List, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class LossKernels:
+    """Derivatives of ``loss(y, model(x), sample_weight)`` with respect to the watched variables.
+
+    Parameters
+    ----------
+    model
+        A built Keras 3 model.
+    watched
+        The variables to differentiate against (each must be a variable of ``model``); they must share one
+        floating dtype.
+    loss_function
+        Per-sample (un-reduced) loss ``f(y_true, y_pred[, sample_weight]) -> (B,)`` (trailing dimensions, if
+        any, are summed per sample).
+    process_batch
+        Maps a dataset element (a tuple) to ``(inputs, targets, sample_weight or None)``.
+    """
+
+    def __init__(self, model: keras.Model, watched: Sequence[Any], loss_function: Callable,
+                 process_batch: Callable):
+        self.model = model
+        self.watched = list(watched)
+        self.loss_function = loss_function
+        self.process_batch = process_batch
+        positions = {id(variable): position for position, variable in enumerate(self.watched)}
+        model_variables = {id(variable) for variable in model.variables}
+        missing = [variable.path for variable in self.watched if id(variable) not in model_variables]
+        if missing:
+            raise ValueError(f"These watched weights are not weights of the model: {missing}.")
+        self._trainable_slots = [positions.get(id(variable)) for variable in model.trainable_variables]
+        self._non_trainable_slots = [positions.get(id(variable)) for variable in model.non_trainable_variables]
+        dtypes = {tf.as_dtype(variable.dtype) for variable in self.watched}
+        if len(dtypes) != 1:
+            raise ValueError(f"All watched weights must share one dtype, got {sorted(d.name for d in dtypes)}.")
+        self.dtype = dtypes.pop()
+        if not self.dtype.is_floating:
+            raise ValueError(f"Watched weights must be floating point, got {self.dtype.name}.")
+        self.shapes = [tuple(int(d) for d in variable.shape) for variable in self.watched]
+        self.sizes = [int(np.prod(shape)) for shape in self.shapes]
+        self.nb_params = int(sum(self.sizes))
+        if self.nb_params == 0:
+            raise ValueError("The watched weights hold no parameter.")
+        self.per_sample_losses = tf.function(self._per_sample_losses_eager, reduce_retracing=True)
+        self.per_sample_gradients = tf.function(self._per_sample_gradients_eager, reduce_retracing=True)
+        self.summed_gradient = tf.function(self._summed_gradient_eager, reduce_retracing=True)
+        self.summed_hessian = tf.function(self._summed_hessian_eager, reduce_retracing=True)
+        self.summed_hvp = tf.function(self._summed_hvp_eager, reduce_retracing=True)
+
+    # ---------------------------------------------------------------------------------------------
+    # θ and the functional loss
+    # ---------------------------------------------------------------------------------------------
+    def flat_weights(self) -> tf.Tensor:
+        """Current values of the watched weights, flattened row-major and concatenated: (P,)."""
+        return tf.concat([tf.reshape(tf.convert_to_tensor(variable.value), [-1]) for variable in self.watched], 0)
+
+    def unflatten(self, theta: tf.Tensor) -> List[tf.Tensor]:
+        """Split a flat (P,) vector into tensors shaped like the watched weights."""
+        parts = tf.split(theta, self.sizes)
+        return [tf.reshape(part, shape) for part, shape in zip(parts, self.shapes)]
+
+    def _losses_at(self, theta: tf.Tensor, inputs: Any, targets: Any, sample_weight: Any) -> tf.Tensor:
+        values = self.unflatten(theta)
+
+        def pick(variables, slots):
+            return [values[slot] if slot is not None else variable.value for variable, slot in zip(variables, slots)]
+
+        outputs, _ = self.model.stateless_call(pick(self.model.trainable_variables, self._trainable_slots),
+                                               pick(self.model.non_trainable_variables, self._non_trainable_slots),
+                                               inputs, training=False)
+        if sample_weight is None:
+            losses = self.loss_function(targets, outputs)
+        else:
+            losses = self.loss_function(targets, outputs, sample_weight)
+        losses = tf.convert_to_tensor(losses)
+        if losses.shape.rank == 0:
+            raise ValueError("loss_function returned one value for the whole batch: it must return one loss per "
+                             "sample (use reduction=None / 'none' for Keras losses).")
+        if losses.shape.rank > 1:
+            losses = tf.reduce_sum(tf.reshape(losses, tf.stack([tf.shape(losses)[0], -1])), axis=1)
+        return losses
+
+    def _split(self, batch: Tuple) -> Tuple[Any, Any, Any]:
+        return self.process_batch(batch)
+
+    # ---------------------------------------------------------------------------------------------
+    # Kernels (wrapped in tf.function in __init__)
+    # ---------------------------------------------------------------------------------------------
+    def _per_sample_losses_eager(self, batch: Tuple) -> tf.Tensor:
+        inputs, targets, sample_weight = self._split(batch)
+        return self._losses_at(self.flat_weights(), inputs, targets, sample_weight)
+
+    def _per_sample_gradients_eager(self, batch: Tuple) -> tf.Tensor:
+        inputs, targets, sample_weight = self._split(batch)
+        theta = self.flat_weights()
+
+        def one_sample(sample):
+            sample = tf.nest.map_structure(lambda tensor: tf.expand_dims(tensor, 0), sample)
+            inputs_i, targets_i, weight_i = sample if len(sample) == 3 else (*sample, None)
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                loss = tf.reduce_sum(self._losses_at(theta, inputs_i, targets_i, weight_i))
+            return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        samples = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
+        return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=True)
+
+    def _summed_gradient_eager(self, batch: Tuple) -> tf.Tensor:
+        inputs, targets, sample_weight = self._split(batch)
+        theta = self.flat_weights()
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            loss = tf.reduce_sum(self._losses_at(theta, inputs, targets, sample_weight))
+        return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def _summed_hessian_eager(self, batch: Tuple) -> tf.Tensor:
+        inputs, targets, sample_weight = self._split(batch)
+        theta = self.flat_weights()
+        with tf.GradientTape() as outer:
+            outer.watch(theta)
+            with tf.GradientTape() as inner:
+                inner.watch(theta)
+                loss = tf.reduce_sum(self._losses_at(theta, inputs, targets, sample_weight))
+            gradient = inner.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        # A loop of P backward passes measured faster than pfor here (1.7 s vs 9.8 s at P = 2,410, N = 1,437).
+        return outer.jacobian(gradient, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                              experimental_use_pfor=False)
+
+    def _summed_hvp_eager(self, batch: Tuple, vectors: tf.Tensor) -> tf.Tensor:
+        inputs, targets, sample_weight = self._split(batch)
+        theta = self.flat_weights()
+        vectors = tf.cast(vectors, theta.dtype)
+        with tf.GradientTape() as outer:
+            outer.watch(theta)
+            with tf.GradientTape() as inner:
+                inner.watch(theta)
+                loss = tf.reduce_sum(self._losses_at(theta, inputs, targets, sample_weight))
+            gradient = inner.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            projections = tf.linalg.matvec(vectors, gradient, transpose_a=True)  # (K,) = Vᵀ g
+        # d(Vᵀ g)/dθ = Vᵀ H (K, P); H is symmetric so its transpose is H V.
+        return tf.transpose(outer.jacobian(projections, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO))

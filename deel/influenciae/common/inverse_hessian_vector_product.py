@@ -1,0 +1,472 @@
+"""Inverse-Hessian-vector products (IHVPs): the ``H⁻¹ v`` at the heart of influence functions.
+
+``H`` is the **mean** Hessian of the per-sample loss over a "hessian dataset", with respect to the watched
+weights of an :class:`~deel.influenciae.common.InfluenceModel`. With ``regularization = λ`` every solver
+inverts the damped matrix ``H + λ I`` instead (``λ = 0`` keeps the reference behaviour: a pseudo-inverse for
+the exact solver). Vectors are laid out as columns: a batch of B vectors is a (P, B) tensor.
+
+* :class:`ExactIHVP`: builds H (P×P, batch by batch), factorises it once (symmetric eigendecomposition in
+  float64) and reuses the factorisation for every vector. O(P²) memory, O(P³) time: P up to ~10k.
+* :class:`ConjugateGradientDescentIHVP`: conjugate gradients on mean Hessian-vector products, no P×P matrix.
+* :class:`LissaIHVP`: the LiSSA fixed-point iteration on mean Hessian-vector products.
+"""
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import Any, Optional, Tuple, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..utils.conjugate_gradients import conjugate_gradients_solve
+from ..utils.tf_operations import assert_batched_dataset, assert_known_cardinality, split_model_shared
+from .model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
+
+DEFAULT_MEMORY_BUDGET_BYTES = 4 * 1024 ** 3
+
+
+class InverseHessianVectorProduct(ABC):
+    """Base class of the IHVP solvers.
+
+    Parameters
+    ----------
+    model
+        The influence model (watched weights, loss).
+    train_dataset
+        Batched dataset of ``(x, y)`` over which the mean Hessian is taken (optional for solvers that receive
+        the Hessian otherwise).
+    """
+
+    def __init__(self, model: BaseInfluenceModel, train_dataset: Optional[tf.data.Dataset]):
+        if not isinstance(model, BaseInfluenceModel):
+            raise TypeError(f"model must be an InfluenceModel, got {type(model).__name__}.")
+        self.model = model
+        self.train_set = train_dataset
+        self.cardinality = None
+        if train_dataset is not None:
+            assert_batched_dataset(train_dataset, "train_dataset")
+            self.cardinality = assert_known_cardinality(train_dataset, "train_dataset")
+
+    # Hooks ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
+        """Return ``(H + λI)⁻¹ V`` for vectors given as columns: (P, K) -> (P, K)."""
+
+    @abstractmethod
+    def apply_hessian(self, vectors: tf.Tensor) -> tf.Tensor:
+        """Return ``H V`` (mean Hessian, undamped) for vectors given as columns: (P, K) -> (P, K)."""
+
+    # Generic API ----------------------------------------------------------------------------------
+    def _vectors_of(self, group_batch: Tuple, use_gradient: bool) -> tf.Tensor:
+        """(B, P) vectors of a batch: per-sample gradients, or the batch's first element itself."""
+        if use_gradient:
+            return self.model.batch_jacobian_tensor(group_batch)
+        vectors = group_batch[0] if isinstance(group_batch, (tuple, list)) else group_batch
+        return tf.cast(vectors, self.model.dtype)
+
+    def _compute_ihvp_single_batch(self, group_batch: Tuple, use_gradient: bool = True) -> tf.Tensor:
+        """``(H + λI)⁻¹ Gᵀ`` for one batch: (P, B) (one column per sample)."""
+        return self.apply_inverse(tf.transpose(self._vectors_of(group_batch, use_gradient)))
+
+    def _compute_hvp_single_batch(self, group_batch: Tuple, use_gradient: bool = True) -> tf.Tensor:
+        """``H Gᵀ`` for one batch: (P, B)."""
+        return self.apply_hessian(tf.transpose(self._vectors_of(group_batch, use_gradient)))
+
+    def compute_ihvp(self, group: tf.data.Dataset, use_gradient: bool = True) -> tf.data.Dataset:
+        """Inverse-Hessian-vector products of every batch of ``group``.
+
+        Parameters
+        ----------
+        group
+            Batched dataset of ``(x, y)`` samples (``use_gradient=True``: their per-sample gradients are used) or
+            of ``(v,)`` tuples of (B, P) vectors (``use_gradient=False``).
+
+        Returns
+        -------
+        tf.data.Dataset
+            One (P, B) tensor per batch.
+        """
+        assert_batched_dataset(group, "group")
+        return group.map(lambda *batch: self._compute_ihvp_single_batch(batch, use_gradient))
+
+    def compute_hvp(self, group: tf.data.Dataset, use_gradient: bool = True) -> tf.data.Dataset:
+        """Hessian-vector products of every batch of ``group``: one (P, B) tensor per batch."""
+        assert_batched_dataset(group, "group")
+        return group.map(lambda *batch: self._compute_hvp_single_batch(batch, use_gradient))
+
+
+def estimate_exact_hessian_bytes(nb_params: int) -> int:
+    """Bytes held while factorising a P×P Hessian: float64 matrix and eigenvectors plus two float32 copies."""
+    return int(nb_params) ** 2 * (8 + 8 + 4 + 4)
+
+
+class ExactIHVP(InverseHessianVectorProduct):
+    """Exact inverse-Hessian-vector products from the full mean Hessian.
+
+    The Hessian is accumulated batch by batch as the Jacobian of the gradient of each batch's summed loss
+    (one P×P matrix per batch), divided by the number of samples, then factorised once as ``H = Q diag(e) Qᵀ``
+    in float64. The solver applies ``Q diag(f(e + λ)) Qᵀ`` with ``f(s) = 1/s``, except that eigenvalues with
+    ``|s| <= rcond · max|s|`` are dropped (``f(s) = 0``): with ``λ = 0`` this is the Moore–Penrose
+    pseudo-inverse, as in the reference.
+
+    Parameters
+    ----------
+    model
+        The influence model.
+    train_dataset
+        Batched dataset over which the mean Hessian is computed.
+    train_hessian
+        A precomputed (P, P) mean Hessian, used instead of ``train_dataset``.
+    regularization
+        λ ≥ 0: solve with ``H + λ I``.
+    memory_budget_bytes
+        Refuse (``MemoryError``-free ``ValueError``) when the P×P matrices would need more than this.
+    rcond
+        Relative cut-off for small eigenvalues; default ``10 · P · eps`` of the model's dtype (numpy/TF pinv).
+    hessian_batch_size
+        Samples per Hessian accumulation step (the dataset is re-batched); ``None`` keeps its batches.
+
+    Attributes
+    ----------
+    hessian : tf.Tensor
+        (P, P) mean Hessian (undamped), model dtype.
+    inv_hessian : tf.Tensor
+        (P, P) matrix applied to vectors: ``(H + λI)⁻¹`` (pseudo-inverse when λ = 0), model dtype.
+    eigenvalues : tf.Tensor
+        (P,) eigenvalues of the mean Hessian, float64, ascending.
+    """
+
+    def __init__(self, model: BaseInfluenceModel, train_dataset: Optional[tf.data.Dataset] = None,
+                 train_hessian: Optional[Union[tf.Tensor, np.ndarray]] = None, regularization: float = 0.0,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, rcond: Optional[float] = None,
+                 hessian_batch_size: Optional[int] = 512):
+        super().__init__(model, train_dataset)
+        self.hessian_batch_size = hessian_batch_size
+        if train_dataset is None and train_hessian is None:
+            raise ValueError("ExactIHVP needs either train_dataset (to compute the Hessian) or train_hessian.")
+        regularization = float(regularization)
+        if regularization < 0 or not np.isfinite(regularization):
+            raise ValueError(f"regularization must be a finite number >= 0, got {regularization}.")
+        self.regularization = regularization
+        nb_params = model.nb_params
+        needed = estimate_exact_hessian_bytes(nb_params)
+        if needed > memory_budget_bytes:
+            raise ValueError(
+                f"ExactIHVP would need about {needed / 1024 ** 3:.2f} GiB for the {nb_params}x{nb_params} Hessian, "
+                f"above memory_budget_bytes={memory_budget_bytes} ({memory_budget_bytes / 1024 ** 3:.2f} GiB). "
+                "Use ConjugateGradientDescentIHVP ('cgd'), LissaIHVP ('lissa') or Arnoldi, watch fewer weights, "
+                "or raise memory_budget_bytes.")
+        if train_hessian is not None:
+            hessian64 = tf.cast(tf.convert_to_tensor(train_hessian), tf.float64)
+            if tuple(hessian64.shape) != (nb_params, nb_params):
+                raise ValueError(f"train_hessian must have shape ({nb_params}, {nb_params}), got "
+                                 f"{tuple(hessian64.shape)}.")
+        else:
+            hessian64 = self._mean_hessian(train_dataset)
+        assert_finite(hessian64, "Hessian")
+        hessian64 = 0.5 * (hessian64 + tf.transpose(hessian64))
+        eigenvalues, eigenvectors = tf.linalg.eigh(hessian64)
+        shifted = eigenvalues + regularization
+        if rcond is None:
+            rcond = 10.0 * nb_params * float(np.finfo(model.dtype.as_numpy_dtype).eps)  # pylint: disable=no-member
+        cutoff = rcond * tf.reduce_max(tf.abs(shifted))
+        keep = tf.abs(shifted) > cutoff
+        inverse_spectrum = tf.where(keep, 1.0 / tf.where(keep, shifted, 1.0), 0.0)
+        inverse64 = tf.matmul(eigenvectors * inverse_spectrum[None, :], eigenvectors, transpose_b=True)
+        self.eigenvalues = eigenvalues
+        self.hessian = tf.cast(hessian64, model.dtype)
+        self.inv_hessian = tf.cast(inverse64, model.dtype)
+
+    def _mean_hessian(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        total = tf.zeros((self.model.nb_params, self.model.nb_params), tf.float64)
+        count = 0
+        if self.hessian_batch_size:
+            dataset = dataset.rebatch(self.hessian_batch_size)
+        for batch in dataset:
+            total += tf.cast(self.model.batch_hessian_tensor(batch), tf.float64)
+            count += int(tf.shape(tf.nest.flatten(batch)[0])[0])
+        if count == 0:
+            raise ValueError("train_dataset is empty.")
+        return total / count
+
+    def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(self.inv_hessian, tf.cast(vectors, self.inv_hessian.dtype))
+
+    def apply_hessian(self, vectors: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(self.hessian, tf.cast(vectors, self.hessian.dtype))
+
+
+class ForwardOverBackwardHVP:
+    """Mean Hessian-vector products over a dataset, without forming the Hessian.
+
+    The dataset is gathered in memory once; each call then walks it in chunks inside one compiled loop. Per
+    chunk, the product of the Hessian of the chunk's summed loss with all K vectors is obtained by
+    differentiating ``Vᵀ ∇L`` (double backward, vectorized over the K vectors); the sum over chunks is divided
+    by the number of samples.
+
+    Parameters
+    ----------
+    model
+        Influence model whose watched weights and loss define H.
+    train_dataset
+        Batched, finite dataset of samples.
+    weights
+        Accepted for compatibility; must be ``None`` or the model's watched weights.
+    chunk_size
+        Samples per chunk (default: the larger of the dataset's first batch size and 256). Larger chunks are
+        faster and use more memory for activations.
+    """
+
+    def __init__(self, model: BaseInfluenceModel, train_dataset: tf.data.Dataset, weights: Any = None,
+                 chunk_size: Optional[int] = None):
+        if weights is not None and [id(w) for w in weights] != [id(w) for w in model.weights]:
+            raise ValueError("weights must be the model's watched weights (model.weights).")
+        assert_batched_dataset(train_dataset, "train_dataset")
+        assert_known_cardinality(train_dataset, "train_dataset")
+        self.model = model
+        self.train_dataset = train_dataset
+        self.kernels = model.kernels
+        batches = [tuple(batch) for batch in train_dataset]
+        if not batches:
+            raise ValueError("train_dataset is empty.")
+        self.samples = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
+        self.nb_samples = int(tf.shape(tf.nest.flatten(self.samples)[0])[0])
+        first_batch = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
+        self.chunk_size = int(chunk_size) if chunk_size else max(first_batch, 256)
+        self._mean_hvp = tf.function(self._mean_hvp_eager, reduce_retracing=True)
+
+    def _mean_hvp_eager(self, vectors: tf.Tensor) -> tf.Tensor:
+        size = self.chunk_size
+
+        def body(start, total):
+            chunk = tf.nest.map_structure(lambda tensor: tensor[start:start + size], self.samples)
+            return start + size, total + self.kernels._summed_hvp_eager(chunk, vectors)  # pylint: disable=W0212
+
+        _, total = tf.while_loop(lambda start, _: start < self.nb_samples, body,
+                                 (tf.constant(0), tf.zeros_like(vectors)))
+        return total / tf.cast(self.nb_samples, vectors.dtype)
+
+    def __call__(self, vectors: tf.Tensor) -> tf.Tensor:
+        """Mean HVP: vectors (P,), (P, 1) or (P, K) -> (P, 1) or (P, K)."""
+        vectors = tf.cast(tf.convert_to_tensor(vectors), self.kernels.dtype)
+        if vectors.shape.rank == 1:
+            vectors = vectors[:, None]
+        return self._mean_hvp(vectors)
+
+
+class _HeadModel(BaseInfluenceModel):
+    """The part of a model above a cut, watching the same weights, fed with precomputed features."""
+
+    def __init__(self, head: keras.Model, weights: Any, loss_function: Any):
+        # Features are stored as (features, targets, sample_weight) triples whatever the user's batch layout.
+        super().__init__(head, weights, loss_function, _feature_batch, weights_processed=True)
+
+
+def _feature_batch(batch: Tuple) -> Tuple[Any, Any, Any]:
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+
+
+class IterativeIHVP(InverseHessianVectorProduct):
+    """Base of the solvers that only need Hessian-vector products (CG, LiSSA).
+
+    The model is cut in two at ``extractor_layer``: the layers below it (which must hold no watched weight)
+    are evaluated once per training sample and their outputs cached in memory; every Hessian-vector product
+    then only runs the head. All vectors of a batch are solved together.
+
+    Parameters
+    ----------
+    model
+        The influence model.
+    extractor_layer
+        Index or name (in ``model.model.layers``) of the first layer of the head. Defaults to the first
+        watched layer (``model.start_layer_index``), or to the whole model for a :class:`BaseInfluenceModel`.
+    train_dataset
+        Batched dataset over which the mean Hessian is taken.
+    n_opt_iters
+        Iterations of the solver.
+    feature_extractor
+        Optional Keras model computing the head's input from ``x`` (used instead of the automatic split).
+    regularization
+        λ ≥ 0: solve with ``H + λ I``.
+    hvp_batch_size
+        Batch size of the cached features for the HVP passes (default: the dataset's first batch size).
+    """
+
+    def __init__(self, model: BaseInfluenceModel, extractor_layer: Optional[Union[int, str]],
+                 train_dataset: tf.data.Dataset, n_opt_iters: int = 100,
+                 feature_extractor: Optional[keras.Model] = None, regularization: float = 0.0,
+                 hvp_batch_size: Optional[int] = None):
+        super().__init__(model, train_dataset)
+        if train_dataset is None:
+            raise ValueError(f"{type(self).__name__} needs a train_dataset.")
+        if int(n_opt_iters) < 1:
+            raise ValueError(f"n_opt_iters must be >= 1, got {n_opt_iters}.")
+        regularization = float(regularization)
+        if regularization < 0 or not np.isfinite(regularization):
+            raise ValueError(f"regularization must be a finite number >= 0, got {regularization}.")
+        self.n_opt_iters = int(n_opt_iters)
+        self.regularization = regularization
+        if extractor_layer is None:
+            extractor_layer = getattr(model, "start_layer_index", None)
+        self.extractor_layer = extractor_layer
+        extractor, head = (None, model.model) if extractor_layer is None else \
+            split_model_shared(model.model, extractor_layer)
+        if feature_extractor is not None:
+            extractor = feature_extractor
+        self.feature_extractor = extractor
+        head_ids = {id(variable) for variable in head.variables}
+        outside = [variable.path for variable in model.weights if id(variable) not in head_ids]
+        if outside:
+            raise ValueError(f"Watched weights {outside} lie below extractor_layer={extractor_layer!r}; the head "
+                             "must contain every watched weight (pick an earlier extractor_layer).")
+        self.head_model = _HeadModel(head, model.weights, model.loss_function)
+        self.feature_dataset = self._cache_features(train_dataset, hvp_batch_size)
+        self.hessian_vector_product = ForwardOverBackwardHVP(self.head_model, self.feature_dataset,
+                                                             chunk_size=hvp_batch_size)
+        self._solve = tf.function(self._solve_eager, reduce_retracing=True)
+
+    def _solve_eager(self, vectors: tf.Tensor) -> tf.Tensor:
+        """Solver-specific ``(H + λI)⁻¹ V`` (compiled in __init__)."""
+        raise NotImplementedError
+
+    def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
+        return self._solve(tf.cast(vectors, self.model.dtype))
+
+    def _cache_features(self, dataset: tf.data.Dataset, hvp_batch_size: Optional[int]) -> tf.data.Dataset:
+        parts = []
+        first_size = None
+        for batch in dataset:
+            inputs, targets, sample_weight = self.model.process_batch_for_loss_fn(batch)
+            features = inputs if self.feature_extractor is None else self.feature_extractor(inputs, training=False)
+            parts.append((features, targets) if sample_weight is None else (features, targets, sample_weight))
+            first_size = first_size or int(tf.shape(tf.nest.flatten(targets)[0])[0])
+        if not parts:
+            raise ValueError("train_dataset is empty.")
+        stacked = tuple(tf.nest.map_structure(lambda *tensors: tf.concat(tensors, axis=0), *column)
+                        for column in zip(*parts))
+        self._batch_shape = tf.shape(tf.nest.flatten(parts[0][0])[0])
+        return tf.data.Dataset.from_tensor_slices(stacked).batch(hvp_batch_size or first_size)
+
+    def batch_shape_tensor(self) -> tf.Tensor:
+        """Shape of the first batch of cached features."""
+        return self._batch_shape
+
+    def damped_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``(H + λI) V`` for (P, K) vectors."""
+        product = self.hessian_vector_product(vectors)
+        if self.regularization:
+            product = product + self.regularization * vectors
+        return product
+
+    def apply_hessian(self, vectors: tf.Tensor) -> tf.Tensor:
+        return self.hessian_vector_product(tf.cast(vectors, self.model.dtype))
+
+
+class ConjugateGradientDescentIHVP(IterativeIHVP):
+    """Inverse-Hessian-vector products by conjugate gradients on mean Hessian-vector products.
+
+    Solves ``(H + λI) x = v`` for all the vectors of a batch at once; each iteration is one pass of
+    Hessian-vector products over the cached features. H must be positive definite on the vectors' span for
+    CG to converge: use ``regularization > 0`` for non-convex models.
+
+    Parameters
+    ----------
+    model, extractor_layer, train_dataset, n_opt_iters, feature_extractor, regularization, hvp_batch_size
+        See :class:`IterativeIHVP`.
+    tol, atol
+        Stop a column when ``||r|| <= max(tol ||v||, atol)``.
+    """
+
+    def __init__(self, model: BaseInfluenceModel, extractor_layer: Optional[Union[int, str]] = None,
+                 train_dataset: Optional[tf.data.Dataset] = None, n_opt_iters: int = 100,
+                 feature_extractor: Optional[keras.Model] = None, regularization: float = 0.0,
+                 hvp_batch_size: Optional[int] = None, tol: float = 1e-3, atol: float = 1e-5):
+        super().__init__(model, extractor_layer, train_dataset, n_opt_iters, feature_extractor, regularization,
+                         hvp_batch_size)
+        self.tol = float(tol)
+        self.atol = float(atol)
+
+    def _solve_eager(self, vectors: tf.Tensor) -> tf.Tensor:
+        return conjugate_gradients_solve(self.damped_hvp, vectors, maxiter=self.n_opt_iters, tol=self.tol,
+                                         atol=self.atol)
+
+
+ConjugateGradientIHVP = ConjugateGradientDescentIHVP
+
+
+class LissaIHVP(IterativeIHVP):
+    """Inverse-Hessian-vector products by the LiSSA iteration (Agarwal et al. 2017).
+
+    Starting from ``x₀ = v`` it repeats ``x ← v + (1 − d)·x − (H + λI)·x / s`` ``n_opt_iters`` times and returns
+    ``x / s``. Its fixed point is ``(H + λI + d·s·I)⁻¹ v``; it converges when the eigenvalues of
+    ``(H + λI)/s + d`` lie in (0, 2), i.e. ``s`` must exceed the largest eigenvalue of ``H + λI`` and H must be
+    positive semi-definite. The error after n iterations decays like ``(1 − d − μ/s)ⁿ`` with μ the smallest
+    eigenvalue of ``H + λI``.
+
+    Parameters
+    ----------
+    model, extractor_layer, train_dataset, n_opt_iters, feature_extractor, regularization, hvp_batch_size
+        See :class:`IterativeIHVP`.
+    damping
+        d, in [0, 1).
+    scale
+        s > 0.
+    """
+
+    def __init__(self, model: BaseInfluenceModel, extractor_layer: Optional[Union[int, str]] = None,
+                 train_dataset: Optional[tf.data.Dataset] = None, n_opt_iters: int = 100,
+                 feature_extractor: Optional[keras.Model] = None, damping: float = 1e-4, scale: float = 10.,
+                 regularization: float = 0.0, hvp_batch_size: Optional[int] = None):
+        if not 0 <= damping < 1:
+            raise ValueError(f"damping must be in [0, 1), got {damping}.")
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}.")
+        super().__init__(model, extractor_layer, train_dataset, n_opt_iters, feature_extractor, regularization,
+                         hvp_batch_size)
+        self.damping = float(damping)
+        self.scale = float(scale)
+
+    def _solve_eager(self, vectors: tf.Tensor) -> tf.Tensor:
+        def step(iteration, estimate):
+            return iteration + 1, vectors + (1.0 - self.damping) * estimate - self.damped_hvp(estimate) / self.scale
+
+        _, estimate = tf.while_loop(lambda iteration, _: iteration < self.n_opt_iters, step,
+                                    (tf.constant(0), vectors))
+        return estimate / self.scale
+
+
+class IHVPCalculator(Enum):
+    """The IHVP solvers selectable by name: ``'exact'``, ``'cgd'`` and ``'lissa'``."""
+
+    Exact = ExactIHVP
+    Cgd = ConjugateGradientDescentIHVP
+    Lissa = LissaIHVP
+
+    @staticmethod
+    def from_string(ihvp_calculator: str) -> "IHVPCalculator":
+        """Map ``'exact' | 'cgd' | 'lissa'`` (case-insensitive) to a member."""
+        names = {"exact": IHVPCalculator.Exact, "cgd": IHVPCalculator.Cgd, "lissa": IHVPCalculator.Lissa}
+        if not isinstance(ihvp_calculator, str) or ihvp_calculator.lower() not in names:
+            raise ValueError(f"ihvp_calculator must be one of {sorted(names)}, got {ihvp_calculator!r}.")
+        return names[ihvp_calculator.lower()]
+
+
+def build_ihvp(ihvp_calculator: Any, model: InfluenceModel, dataset: tf.data.Dataset,
+               regularization: float = 0.0) -> InverseHessianVectorProduct:
+    """Resolve a solver given by name, enum member, class or instance into an instance.
+
+    Names and classes are built on ``dataset`` with default settings and the given ``regularization``;
+    instances are returned as they are.
+    """
+    if isinstance(ihvp_calculator, InverseHessianVectorProduct):
+        return ihvp_calculator
+    if isinstance(ihvp_calculator, str):
+        ihvp_calculator = IHVPCalculator.from_string(ihvp_calculator)
+    if isinstance(ihvp_calculator, IHVPCalculator):
+        ihvp_calculator = ihvp_calculator.value
+    if isinstance(ihvp_calculator, type) and issubclass(ihvp_calculator, InverseHessianVectorProduct):
+        if issubclass(ihvp_calculator, IterativeIHVP):
+            return ihvp_calculator(model, None, dataset, regularization=regularization)
+        return ihvp_calculator(model, dataset, regularization=regularization)
+    raise TypeError("ihvp_calculator must be 'exact', 'cgd', 'lissa', an IHVPCalculator member, an "
+                    f"InverseHessianVectorProduct subclass or instance; got {ihvp_calculator!r}.")

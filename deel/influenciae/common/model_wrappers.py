@@ -1,0 +1,232 @@
+"""Wrappers that tell which weights of a Keras model are watched and give per-sample derivatives."""
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import keras
+import tensorflow as tf
+
+from ..utils.tf_operations import assert_batched_dataset, default_process_batch, from_layer_name_to_layer_idx
+from .autodiff import LossKernels
+
+ProcessBatchTypeAlias = Callable[[Tuple], Tuple[Any, Any, Optional[tf.Tensor]]]
+
+_UNREDUCED = (None, "none")
+
+
+def _default_loss() -> keras.losses.Loss:
+    return keras.losses.CategoricalCrossentropy(from_logits=False, reduction=None)
+
+
+def check_unreduced_loss(loss_function: Callable, name: str = "loss_function") -> None:
+    """Raise unless ``loss_function`` is a callable that returns one loss per sample.
+
+    Keras losses must have ``reduction=None`` or ``"none"`` (``"sum"``, ``"sum_over_batch_size"`` and
+    ``"mean"`` reduce over the batch and are rejected). Plain callables are accepted as they are.
+    """
+    if not callable(loss_function):
+        raise TypeError(f"{name} must be callable, got {type(loss_function).__name__}.")
+    reduction = getattr(loss_function, "reduction", None)
+    reduction = getattr(reduction, "value", reduction)
+    if isinstance(reduction, str):
+        reduction = reduction.lower()
+    if reduction not in _UNREDUCED:
+        raise ValueError(f"The loss function must not have reduction: {name} reduces with {reduction!r} over the "
+                         "batch; build it with reduction=None (or 'none') so it returns one loss per sample.")
+
+
+class BaseInfluenceModel:
+    """A Keras model, its per-sample loss and the weights whose influence is measured.
+
+    Parameters
+    ----------
+    model
+        A built Keras 3 model (Sequential, Functional or subclassed).
+    weights_to_watch
+        The watched variables: a list of variables, or of lists of variables (one per layer) unless
+        ``weights_processed`` is True. Defaults to every trainable weight of the model.
+    loss_function
+        Per-sample loss ``f(y_true, y_pred[, sample_weight]) -> (B,)``; Keras losses must be built with
+        ``reduction=None``. Defaults to ``CategoricalCrossentropy(from_logits=False, reduction=None)``.
+    process_batch_for_loss_fn
+        Maps a dataset element to ``(inputs, targets, sample_weight or None)``; by default ``(x, y)`` or
+        ``(x, y, sample_weight)``.
+    weights_processed
+        True when ``weights_to_watch`` is already a flat list of variables.
+
+    Attributes
+    ----------
+    weights : list
+        The watched variables, in order; gradients are flattened row-major and concatenated in this order.
+    nb_params : int
+        P, the number of watched parameters.
+    """
+
+    def __init__(self, model: keras.Model, weights_to_watch: Optional[Sequence[Any]] = None,
+                 loss_function: Optional[Callable] = None,
+                 process_batch_for_loss_fn: ProcessBatchTypeAlias = default_process_batch,
+                 weights_processed: bool = False):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a Keras 3 model (keras.Model), got {type(model).__name__}.")
+        if not model.built:
+            raise ValueError("model must be built (start it with keras.Input or call it on data) before wrapping it.")
+        loss_function = _default_loss() if loss_function is None else loss_function
+        check_unreduced_loss(loss_function)
+        if not callable(process_batch_for_loss_fn):
+            raise TypeError("process_batch_for_loss_fn must be callable.")
+        if weights_to_watch is None:
+            weights = list(model.trainable_variables)
+        elif weights_processed:
+            weights = list(weights_to_watch)
+        else:
+            weights = [variable for group in weights_to_watch
+                       for variable in (group if isinstance(group, (list, tuple)) else [group])]
+        if not weights:
+            raise ValueError("No weights to watch: the selection holds no trainable weight.")
+        self.model = model
+        self.weights = weights
+        self.loss_function = loss_function
+        self.process_batch_for_loss_fn = process_batch_for_loss_fn
+        self.kernels = LossKernels(model, weights, loss_function, process_batch_for_loss_fn)
+        self.nb_params = self.kernels.nb_params
+        self.dtype = self.kernels.dtype
+
+    def __call__(self, inputs: Any) -> tf.Tensor:
+        """Evaluate the wrapped model."""
+        return self.model(inputs)
+
+    @property
+    def layers(self) -> List[keras.layers.Layer]:
+        """The layers of the wrapped model."""
+        return self.model.layers
+
+    # Batch-level derivatives --------------------------------------------------------------------
+    def batch_loss_tensor(self, batch: Tuple) -> tf.Tensor:
+        """Per-sample losses of one batch: (B,)."""
+        return self.kernels.per_sample_losses(tuple(batch))
+
+    def batch_jacobian_tensor(self, batch: Tuple) -> tf.Tensor:
+        """Per-sample gradients of the loss w.r.t. the watched weights for one batch: (B, P)."""
+        return self.kernels.per_sample_gradients(tuple(batch))
+
+    def batch_gradient_tensor(self, batch: Tuple) -> tf.Tensor:
+        """Gradient of the batch's summed loss w.r.t. the watched weights: (P,)."""
+        return self.kernels.summed_gradient(tuple(batch))
+
+    def batch_hessian_tensor(self, batch: Tuple) -> tf.Tensor:
+        """Hessian of the batch's summed loss w.r.t. the watched weights: (P, P)."""
+        return self.kernels.summed_hessian(tuple(batch))
+
+    def batch_hvp_tensor(self, batch: Tuple, vectors: tf.Tensor) -> tf.Tensor:
+        """Hessian of the batch's summed loss times ``vectors`` (P, K): (P, K)."""
+        return self.kernels.summed_hvp(tuple(batch), vectors)
+
+    # Dataset-level helpers (eager) ---------------------------------------------------------------
+    def _over_batches(self, dataset: tf.data.Dataset, kernel: Callable, name: str) -> List[tf.Tensor]:
+        assert_batched_dataset(dataset, name)
+        results = [kernel(batch) for batch in dataset]
+        if not results:
+            raise ValueError(f"{name} is empty.")
+        return results
+
+    def batch_loss(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        """Per-sample losses over a batched dataset: (N,)."""
+        return tf.concat(self._over_batches(dataset, self.batch_loss_tensor, "dataset"), axis=0)
+
+    def batch_jacobian(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        """Per-sample gradients over a batched dataset: (N, P).
+
+        Raises
+        ------
+        ValueError
+            If a gradient is not finite (NaN or inf).
+        """
+        gradients = tf.concat(self._over_batches(dataset, self.batch_jacobian_tensor, "dataset"), axis=0)
+        assert_finite(gradients, "per-sample gradients")
+        return gradients
+
+    def batch_gradient(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        """Gradients of the summed loss of every batch: (n_batches, P)."""
+        gradients = tf.stack(self._over_batches(dataset, self.batch_gradient_tensor, "dataset"), axis=0)
+        assert_finite(gradients, "batch gradients")
+        return gradients
+
+
+def assert_finite(tensor: tf.Tensor, what: str) -> None:
+    """Raise ``ValueError`` if ``tensor`` holds NaN or infinite values (eager tensors only)."""
+    if not bool(tf.reduce_all(tf.math.is_finite(tensor))):
+        raise ValueError(f"Non-finite values (NaN or inf) found in the {what}; check the model's weights, the "
+                         "inputs and the loss (e.g. log of 0 with from_logits=False).")
+
+
+def _resolve_index(model: keras.Model, layer: Union[str, int], name: str) -> int:
+    """Non-negative index in ``model.layers`` of a layer given by name or (possibly negative) index."""
+    count = len(model.layers)
+    if isinstance(layer, str):
+        return from_layer_name_to_layer_idx(model, layer)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{name} must be a layer name (str), an index (int) or None, got {type(layer).__name__}.")
+    if not -count <= layer < count:
+        raise ValueError(f"{name}={layer} is out of range: the model has {count} layers.")
+    return layer + count if layer < 0 else layer
+
+
+def _last_weighted_layer_before_output(model: keras.Model) -> int:
+    """Index of the last layer with weights, scanning backwards from the second-to-last layer."""
+    for index in range(len(model.layers) - 2, -1, -1):
+        if model.layers[index].weights:
+            return index
+    raise ValueError("No layers with weights found for the model (the last layer is never picked by default; "
+                     "pass start_layer explicitly).")
+
+
+class InfluenceModel(BaseInfluenceModel):
+    """Watch the weights of a contiguous range of layers of a Keras model.
+
+    Layer indices refer to ``model.layers`` (``Sequential.layers`` has no input layer; a Functional model's
+    ``layers`` starts with its ``InputLayer``).
+
+    Parameters
+    ----------
+    model
+        A built Keras 3 model.
+    start_layer
+        First watched layer (name or index, negative allowed). Defaults to the last layer that has weights
+        *before* the output layer (the output layer itself is skipped).
+    last_layer
+        Last watched layer (inclusive; name or index, negative counted from the end). Defaults to watching only
+        ``start_layer``.
+    loss_function, process_batch_for_loss_fn
+        See :class:`BaseInfluenceModel`. A callable given as third positional argument (``last_layer``) while
+        ``loss_function`` is not given is taken as the loss: ``InfluenceModel(model, start_layer, loss)``.
+
+    Raises
+    ------
+    ValueError
+        Unknown layer name or index, ``last_layer`` before ``start_layer``, or no trainable weight selected.
+    """
+
+    def __init__(self, model: keras.Model, start_layer: Optional[Union[str, int]] = None,
+                 last_layer: Optional[Union[str, int]] = None, loss_function: Optional[Callable] = None,
+                 process_batch_for_loss_fn: ProcessBatchTypeAlias = default_process_batch):
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a Keras 3 model (keras.Model), got {type(model).__name__}.")
+        if callable(last_layer) and loss_function is None:
+            # InfluenceModel(model, start_layer, loss_function): the reference's README passes the loss third.
+            last_layer, loss_function = None, last_layer
+        self.start_layer = start_layer
+        self.last_layer = last_layer
+        if start_layer is None:
+            start_index = _last_weighted_layer_before_output(model)
+        else:
+            start_index = _resolve_index(model, start_layer, "start_layer")
+        last_index = start_index if last_layer is None else _resolve_index(model, last_layer, "last_layer")
+        if last_index < start_index:
+            raise ValueError(f"last_layer ({last_layer!r}, index {last_index}) comes before start_layer "
+                             f"({start_layer!r}, index {start_index}).")
+        self.start_layer_index = start_index
+        self.last_layer_index = last_index
+        selected = model.layers[start_index:last_index + 1]
+        weights = [variable for layer in selected for variable in layer.trainable_weights]
+        if not weights:
+            names = [layer.name for layer in selected]
+            raise ValueError(f"The selected layers {names} have no trainable weights.")
+        super().__init__(model, weights, loss_function, process_batch_for_loss_fn, weights_processed=True)

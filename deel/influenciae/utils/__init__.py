@@ -1,0 +1,16 @@
+"""Small, dependency-free helpers: ranking, nearest neighbours, conjugate gradients, layers and datasets."""
+from .conjugate_gradients import conjugate_gradients_solve
+from .nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
+from .sorted_dict import ORDER, BatchSort, stable_top_k
+from .tf_operations import (array_to_dataset, assert_batched_dataset, assert_known_cardinality, batch_sizes,
+                            dataset_size, dataset_to_tensor, default_process_batch, extract_only_values, find_layer,
+                            from_layer_name_to_layer_idx, get_device, is_dataset_batched, map_to_device, split_model,
+                            split_model_shared)
+
+__all__ = [
+    "conjugate_gradients_solve", "BaseNearestNeighbors", "LinearNearestNeighbors", "ORDER", "BatchSort",
+    "stable_top_k", "array_to_dataset", "assert_batched_dataset", "assert_known_cardinality", "batch_sizes",
+    "dataset_size", "dataset_to_tensor", "default_process_batch", "extract_only_values", "find_layer",
+    "from_layer_name_to_layer_idx", "get_device", "is_dataset_batched", "map_to_device", "split_model",
+    "split_model_shared",
+]

@@ -1,0 +1,319 @@
+"""Helpers on Keras models and batched ``tf.data`` datasets.
+
+Everything here is independent of the rest of the library.
+"""
+from typing import Any, Callable, Optional, Tuple, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+def from_layer_name_to_layer_idx(model: keras.Model, layer_name: str) -> int:
+    """Return the position in ``model.layers`` of the layer called ``layer_name``.
+
+    Note that ``Sequential.layers`` excludes the input layer while a Functional model's ``layers`` starts
+    with its ``InputLayer``: the same index may name different layers in the two kinds of model.
+
+    Raises
+    ------
+    ValueError
+        If no layer has that name.
+    """
+    for index, layer in enumerate(model.layers):
+        if layer.name == layer_name:
+            return index
+    raise ValueError(f"No such layer: {layer_name!r}. Existing layers are: {[layer.name for layer in model.layers]}.")
+
+
+def find_layer(model: keras.Model, layer: Union[str, int]) -> keras.layers.Layer:
+    """Find a layer of ``model`` by name (str) or by position in ``model.layers`` (int, negative allowed).
+
+    Raises
+    ------
+    ValueError
+        If the name is unknown or the index out of range.
+    TypeError
+        If ``layer`` is neither a str nor an int.
+    """
+    if isinstance(layer, str):
+        return model.layers[from_layer_name_to_layer_idx(model, layer)]
+    if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+        if not -len(model.layers) <= int(layer) < len(model.layers):
+            raise ValueError(f"Could not find any layer at index {layer}: the model has {len(model.layers)} layers.")
+        return model.layers[int(layer)]
+    raise TypeError(f"layer must be a layer name (str) or an index (int), got {type(layer).__name__}.")
+
+
+def _layer_index(model: keras.Model, layer: Union[str, int, keras.layers.Layer]) -> int:
+    """Non-negative index in ``model.layers`` of a layer given by name, index or object."""
+    if isinstance(layer, keras.layers.Layer):
+        for index, candidate in enumerate(model.layers):
+            if candidate is layer:
+                return index
+        raise ValueError(f"Layer {layer.name!r} is not a layer of the model.")
+    target = find_layer(model, layer)
+    return [candidate is target for candidate in model.layers].index(True)
+
+
+def _single_tensor(tensors: Any, what: str) -> Any:
+    if isinstance(tensors, (list, tuple)):
+        if len(tensors) != 1:
+            raise ValueError(f"Cannot split the model here: the {what} has {len(tensors)} tensors, expected one.")
+        return tensors[0]
+    return tensors
+
+
+def split_model_shared(model: keras.Model, target_layer: Union[str, int, keras.layers.Layer]
+                       ) -> Tuple[Optional[keras.Model], keras.Model]:
+    """Split a built model into a feature extractor and a head that share the model's variables.
+
+    The head starts with ``target_layer`` (it is the first layer of the head); the feature extractor computes
+    the input of ``target_layer``. When ``target_layer`` is the first computing layer of the model the feature
+    extractor is ``None`` and the head is ``model`` itself.
+
+    Parameters
+    ----------
+    model
+        A built Sequential or Functional Keras model with a single input and a single output.
+    target_layer
+        Name, index in ``model.layers`` or layer object.
+
+    Returns
+    -------
+    feature_extractor, head
+        ``head(feature_extractor(x)) == model(x)``.
+
+    Raises
+    ------
+    ValueError
+        If the model is not built, if the target is an input layer, or if the target is not a cut of the graph
+        (e.g. a skip connection goes around it).
+    """
+    if not model.inputs:
+        raise ValueError("The model must be built with a known input shape (e.g. start it with keras.Input) to be "
+                         "split; subclassed models cannot be split automatically.")
+    index = _layer_index(model, target_layer)
+    layer = model.layers[index]
+    if isinstance(layer, keras.layers.InputLayer):
+        raise ValueError(f"Cannot split the model at its input layer {layer.name!r}.")
+    first_computing = 1 if isinstance(model.layers[0], keras.layers.InputLayer) else 0
+    if index == first_computing:
+        return None, model
+    model_input = _single_tensor(model.inputs, "model input")
+    model_output = _single_tensor(model.outputs, "model output")
+    cut = _single_tensor(layer.input, f"input of layer {layer.name!r}")
+    try:
+        feature_extractor = keras.Model(model_input, cut)
+        head = keras.Model(cut, model_output)
+    except ValueError as error:
+        raise ValueError(f"Layer {layer.name!r} is not a cut of the model's graph (a skip connection may go around "
+                         f"it), so the model cannot be split there: {error}") from error
+    return feature_extractor, head
+
+
+def split_model(model: keras.Model, target_layer: Union[str, int, keras.layers.Layer]
+                ) -> Tuple[keras.Model, keras.Model]:
+    """Split a *copy* of ``model`` into ``(feature_extractor, head)`` at ``target_layer``.
+
+    The copy is taken when this function is called (later changes to ``model`` do not reach the halves).
+    ``feature_extractor`` computes the input of ``target_layer`` and ``head`` everything from ``target_layer``
+    onwards, so ``head(feature_extractor(x)) == model(x)``. When ``target_layer`` is the first layer, the
+    feature extractor is the identity.
+
+    Raises
+    ------
+    ValueError
+        See :func:`split_model_shared`.
+    """
+    index = _layer_index(model, target_layer)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    feature_extractor, head = split_model_shared(clone, index)
+    if feature_extractor is None:
+        model_input = _single_tensor(clone.inputs, "model input")
+        feature_extractor = keras.Model(model_input, model_input)
+    return feature_extractor, head
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------
+def _leading_dims(dataset: tf.data.Dataset):
+    specs = tf.nest.flatten(dataset.element_spec)
+    dims = []
+    for spec in specs:
+        shape = getattr(spec, "shape", None)
+        if shape is None or shape.rank is None or shape.rank == 0:
+            return None
+        dims.append(shape[0])  # pylint: disable=unsubscriptable-object
+    return dims
+
+
+def is_dataset_batched(dataset: tf.data.Dataset) -> Union[int, bool]:
+    """Tell whether a dataset yields batches, from its element specification.
+
+    A dataset is taken as batched when every component of its elements has a leading (batch) dimension and
+    these dimensions agree: unknown (``batch(..., drop_remainder=False)``, followed or not by ``map``,
+    ``prefetch``, ``cache``...) or the same static size (``drop_remainder=True``).
+
+    Returns
+    -------
+    batch_size_or_flag
+        The static batch size when known, ``True`` when batched with an unknown size, ``False`` otherwise.
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        return False
+    dims = _leading_dims(dataset)
+    if not dims:
+        return False
+    if all(dim is None for dim in dims):
+        return True
+    known = {int(dim) for dim in dims if dim is not None}
+    if len(known) > 1:
+        return False
+    if len(known) < len(dims):
+        return True
+    return known.pop()
+
+
+def assert_batched_dataset(dataset: tf.data.Dataset, name: str = "dataset") -> None:
+    """Raise a clear error unless ``dataset`` is a batched ``tf.data.Dataset``.
+
+    Raises
+    ------
+    TypeError
+        If ``dataset`` is not a ``tf.data.Dataset``.
+    ValueError
+        If it is not batched.
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(f"{name} must be a batched tf.data.Dataset, got {type(dataset).__name__}.")
+    if not is_dataset_batched(dataset):
+        raise ValueError(f"{name} must be batched (call .batch(batch_size) on it) before performing this operation; "
+                         f"its elements have spec {dataset.element_spec}.")
+
+
+def assert_known_cardinality(dataset: tf.data.Dataset, name: str = "dataset") -> int:
+    """Return the number of batches of ``dataset``, raising ``ValueError`` if it is unknown or infinite."""
+    cardinality = int(dataset.cardinality().numpy())
+    if cardinality == int(tf.data.INFINITE_CARDINALITY):
+        raise ValueError(f"{name} is infinite (e.g. .repeat() without a count); a finite dataset is needed here.")
+    if cardinality == int(tf.data.UNKNOWN_CARDINALITY):
+        raise ValueError(f"{name} has an unknown number of batches (e.g. after .filter()); call "
+                         f".apply(tf.data.experimental.assert_cardinality(n_batches)) on it or rebuild it.")
+    return cardinality
+
+
+def _first_tensor(structure: Any) -> tf.Tensor:
+    return tf.nest.flatten(structure)[0]
+
+
+def batch_sizes(dataset: tf.data.Dataset) -> np.ndarray:
+    """Number of samples in every batch of a batched, finite dataset (a short last batch included)."""
+    assert_batched_dataset(dataset)
+    assert_known_cardinality(dataset)
+    sizes = dataset.map(lambda *batch: tf.shape(_first_tensor(batch), out_type=tf.int64)[0])
+    return np.fromiter((int(size) for size in sizes.as_numpy_iterator()), dtype=np.int64)
+
+
+def dataset_size(dataset: tf.data.Dataset) -> int:
+    """Number of samples of a batched, finite dataset, counting a short last batch correctly.
+
+    Raises
+    ------
+    ValueError
+        If the dataset is not batched, or its cardinality is unknown or infinite.
+    """
+    assert_batched_dataset(dataset)
+    assert_known_cardinality(dataset)
+    count = dataset.reduce(tf.constant(0, tf.int64),
+                           lambda total, batch: total + tf.shape(_first_tensor(batch), out_type=tf.int64)[0])
+    return int(count.numpy())
+
+
+def default_process_batch(batch: Tuple) -> Tuple[Any, Any, Optional[tf.Tensor]]:
+    """Split a batch ``(x, y)`` or ``(x, y, sample_weight)`` into ``(inputs, targets, sample_weight or None)``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError("Each dataset element must be a tuple (inputs, targets) or (inputs, targets, sample_weight); "
+                         "pass a process_batch_for_loss_fn for other layouts.")
+    sample_weight = batch[2] if len(batch) > 2 else None
+    return batch[0], batch[1], sample_weight
+
+
+def dataset_to_tensor(dataset: tf.data.Dataset) -> Union[tf.Tensor, Tuple[tf.Tensor, ...]]:
+    """Concatenate all batches of a dataset.
+
+    Returns
+    -------
+    tensor or tuple of tensors
+        A tensor (N, ...) for datasets of tensors; a tuple with one concatenated tensor per component for
+        datasets of tuples (e.g. ``(x (N, ...), y (N, ...))``).
+    """
+    assert_batched_dataset(dataset)
+    batches = list(dataset)
+    if not batches:
+        raise ValueError("dataset is empty.")
+    if isinstance(batches[0], (tuple, list)):
+        return tuple(tf.concat(list(parts), axis=0) for parts in zip(*batches))
+    return tf.concat(batches, axis=0)
+
+
+def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
+    """Concatenate the second component (the values) of a dataset of ``(samples, values)`` batches."""
+    return dataset_to_tensor(dataset.map(lambda *element: element[1]))
+
+
+def _as_tensor(array: Any) -> Any:
+    if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32)
+    return array
+
+
+def array_to_dataset(array: Any, batch_size: Optional[int] = None, shuffle: bool = False,
+                     buffer_size: int = 1000, seed: Optional[int] = None) -> tf.data.Dataset:
+    """Build a dataset from an array or a tuple of arrays (one sample per row).
+
+    Floating numpy arrays are cast to float32; a tuple ``(x, y)`` gives elements ``(x_i, y_i)`` whatever the
+    shapes of x and y.
+
+    Parameters
+    ----------
+    array
+        Array (N, ...) or tuple of arrays sharing their first dimension N.
+    batch_size
+        If given, the dataset is batched.
+    shuffle
+        Shuffle the samples (with ``buffer_size`` and ``seed``).
+    """
+    if isinstance(array, (tuple, list)):
+        array = tuple(_as_tensor(part) for part in array)
+    else:
+        array = _as_tensor(array)
+    dataset = tf.data.Dataset.from_tensor_slices(array)
+    if shuffle:
+        dataset = dataset.shuffle(buffer_size, seed=seed)
+    if batch_size is not None:
+        dataset = dataset.batch(batch_size)
+    return dataset
+
+
+def get_device(device: Optional[str] = None) -> str:
+    """The device to run on: ``device`` if given, else the first GPU when one is visible, else the CPU."""
+    if device is not None:
+        return device
+    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+
+
+def map_to_device(dataset: tf.data.Dataset, function: Callable, device: Optional[str] = None) -> tf.data.Dataset:
+    """``dataset.map(function)`` with the computation placed on ``get_device(device)``."""
+    placement = get_device(device)
+
+    def placed(*element):
+        with tf.device(placement):
+            return function(*element)
+
+    return dataset.map(placed)
