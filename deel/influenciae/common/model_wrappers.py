@@ -1,4 +1,5 @@
 """Wrappers that tell which weights of a Keras model are watched and give per-sample derivatives."""
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import keras
@@ -88,6 +89,11 @@ class BaseInfluenceModel:
         self.kernels = LossKernels(model, weights, loss_function, process_batch_for_loss_fn)
         self.nb_params = self.kernels.nb_params
         self.dtype = self.kernels.dtype
+        loss_dtype = getattr(loss_function, "dtype", None)
+        if loss_dtype is not None and tf.as_dtype(loss_dtype) != self.dtype:
+            warnings.warn(f"loss_function computes in {tf.as_dtype(loss_dtype).name} while the watched weights are "
+                          f"{self.dtype.name}: Keras losses cast predictions to their own dtype; build the loss with "
+                          f"dtype='{self.dtype.name}' to keep full precision.", stacklevel=2)
 
     def __call__(self, inputs: Any) -> tf.Tensor:
         """Evaluate the wrapped model."""

@@ -44,8 +44,10 @@ class BaseGroupInfluenceCalculator(ABC):
             if int(n_samples_for_hessian) < 1:
                 raise ValueError(f"n_samples_for_hessian must be >= 1, got {n_samples_for_hessian}.")
             batch_size = int(next(iter(dataset.map(lambda *batch: tf.shape(tf.nest.flatten(batch)[0])[0]))))
-            hessian_set = (dataset.unbatch().shuffle(shuffle_buffer_size, seed=seed)
-                           .take(int(n_samples_for_hessian)).batch(batch_size))
+            taken = min(int(n_samples_for_hessian), dataset_size(dataset))
+            hessian_set = (dataset.unbatch().shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=False)
+                           .take(taken).batch(batch_size)
+                           .apply(tf.data.experimental.assert_cardinality(-(-taken // batch_size))))
         self.train_set = hessian_set
         self.ihvp_calculator = build_ihvp(ihvp_calculator, model, hessian_set, regularization)
 

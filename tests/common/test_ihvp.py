@@ -1,0 +1,180 @@
+"""Inverse-Hessian-vector products against float64 numpy solves."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deel.influenciae.common import (CGDIHVPFactory, ConjugateGradientDescentIHVP, ConjugateGradientIHVP, ExactIHVP,
+                                     ExactIHVPFactory, ForwardOverBackwardHVP, IHVPCalculator, InfluenceModel,
+                                     LissaIHVP, LissaIHVPFactory)
+from tests.toy_models import (toy_data, toy_dataset, toy_gradients_all_layers, toy_gradients_last_layer,
+                              toy_mean_hessian_all_layers, toy_mean_hessian_last_layer, toy_model, toy_mse)
+
+
+def _relative_error(actual, expected):
+    return np.abs(np.asarray(actual, np.float64) - expected).max() / np.abs(expected).max()
+
+
+def _toy(dtype="float32", all_layers=False):
+    keras_model = toy_model(dtype)
+    np_dtype = np.float64 if dtype == "float64" else np.float32
+    x, y = toy_data(dtype=np_dtype)
+    if all_layers:
+        model = InfluenceModel(keras_model, start_layer=0, last_layer=-1, loss_function=toy_mse(dtype))
+        gradients = toy_gradients_all_layers(keras_model, x, y)
+        hessian = toy_mean_hessian_all_layers(keras_model, x, y)
+    else:
+        model = InfluenceModel(keras_model, start_layer=-1, loss_function=toy_mse(dtype))
+        gradients = toy_gradients_last_layer(keras_model, x, y)
+        hessian = toy_mean_hessian_last_layer(keras_model, x)
+    return model, toy_dataset(x, y), gradients, hessian
+
+
+def _ihvp_columns(ihvp, dataset):
+    return np.concatenate([block.numpy() for block in ihvp.compute_ihvp(dataset)], axis=1)
+
+
+@pytest.mark.parametrize("regularization", [0.0, 0.3])
+def test_exact_matches_numpy_pinv_and_damped_solve(regularization):
+    model, dataset, gradients, hessian = _toy()
+    ihvp = ExactIHVP(model, dataset, regularization=regularization)
+    np.testing.assert_allclose(ihvp.hessian.numpy(), hessian, rtol=1e-5)
+    if regularization:
+        expected = np.linalg.solve(hessian + regularization * np.eye(2), gradients.T)
+    else:
+        expected = np.linalg.pinv(hessian) @ gradients.T
+    blocks = list(ihvp.compute_ihvp(dataset))
+    assert [tuple(block.shape) for block in blocks] == [(2, 5)] * 5
+    assert _relative_error(np.concatenate(blocks, axis=1), expected) < 1e-5
+    hvp = np.concatenate([block.numpy() for block in ihvp.compute_hvp(dataset)], axis=1)
+    assert _relative_error(hvp, hessian @ gradients.T) < 1e-5
+
+
+def test_exact_all_layers_float64_indefinite_hessian_uses_pseudo_inverse():
+    model, dataset, gradients, hessian = _toy("float64", all_layers=True)
+    ihvp = ExactIHVP(model, dataset)
+    assert np.linalg.eigvalsh(hessian).min() < 0 < np.linalg.eigvalsh(hessian).max()  # indefinite
+    np.testing.assert_allclose(ihvp.hessian.numpy(), hessian, rtol=1e-6, atol=1e-8)
+    expected = np.linalg.pinv(hessian, rcond=1e-10) @ gradients.T
+    assert _relative_error(_ihvp_columns(ihvp, dataset), expected) < 1e-6
+
+
+def test_exact_from_given_hessian_and_raw_vectors():
+    model, _, _, hessian = _toy()
+    ihvp = ExactIHVP(model, train_hessian=hessian)
+    vectors = np.random.default_rng(3).normal(size=(7, 2)).astype(np.float32)
+    raw = tf.data.Dataset.from_tensor_slices((vectors,)).batch(4)
+    result = np.concatenate([block.numpy() for block in ihvp.compute_ihvp(raw, use_gradient=False)], axis=1)
+    assert _relative_error(result, np.linalg.solve(hessian, vectors.T)) < 1e-5
+    hvp = np.concatenate([block.numpy() for block in ihvp.compute_hvp(raw, use_gradient=False)], axis=1)
+    assert _relative_error(hvp, hessian @ vectors.T) < 1e-5
+
+
+def test_exact_errors():
+    model, dataset, _, _ = _toy()
+    with pytest.raises(ValueError, match="train_dataset or train_hessian|either"):
+        ExactIHVP(model)
+    with pytest.raises(ValueError, match="shape"):
+        ExactIHVP(model, train_hessian=np.eye(3))
+    with pytest.raises(ValueError, match="regularization"):
+        ExactIHVP(model, dataset, regularization=-1.0)
+    with pytest.raises(ValueError, match="cgd|ConjugateGradient"):
+        ExactIHVP(model, dataset, memory_budget_bytes=10)
+    with pytest.raises(ValueError, match="batched"):
+        ExactIHVP(model, dataset.unbatch().map(lambda x, y: (x[0], y[0, 0])))
+    with pytest.raises(ValueError, match="unknown number of batches"):
+        ExactIHVP(model, dataset.filter(lambda x, y: True))
+
+
+def test_too_large_hessian_is_refused_before_allocation():
+    keras.utils.set_random_seed(0)
+    big = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(40), keras.layers.Dense(2)])
+    model = InfluenceModel(big, start_layer=0, loss_function=toy_mse())  # P = 40,040: 38 GB of P×P float64
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((4, 1000), np.float32), np.zeros((4, 2), np.float32)))
+    with pytest.raises(ValueError, match="GiB"):
+        ExactIHVP(model, data.batch(2))
+
+
+@pytest.mark.parametrize("regularization", [0.0, 0.2])
+def test_conjugate_gradients_float64_solves_to_1e_4(regularization):
+    model, dataset, gradients, hessian = _toy("float64")
+    ihvp = ConjugateGradientDescentIHVP(model, -1, dataset, regularization=regularization, tol=1e-10, atol=0.0)
+    expected = np.linalg.solve(hessian + regularization * np.eye(2), gradients.T)
+    assert _relative_error(_ihvp_columns(ihvp, dataset), expected) < 1e-4
+
+
+def test_conjugate_gradients_all_layers_functional_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,), dtype="float64")
+    hidden = keras.layers.Dense(5, activation="tanh", dtype="float64")(inputs)
+    outputs = keras.layers.Dense(3, dtype="float64")(keras.layers.Dense(4, activation="tanh", dtype="float64")(hidden))
+    keras_model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)), rng.normal(size=(40, 3))
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = InfluenceModel(keras_model, start_layer=2, last_layer=-1, loss_function=toy_mse("float64"))
+    exact = ExactIHVP(model, dataset, regularization=0.5)
+    cg = ConjugateGradientDescentIHVP(model, None, dataset, regularization=0.5, tol=1e-10, atol=0.0, n_opt_iters=500)
+    assert cg.feature_extractor is not None  # the model was cut below the first watched layer
+    hessian = exact.hessian.numpy().astype(np.float64)
+    gradients = model.batch_jacobian(dataset).numpy()
+    expected = np.linalg.solve(hessian + 0.5 * np.eye(model.nb_params), gradients.T)
+    assert _relative_error(_ihvp_columns(cg, dataset), expected) < 1e-4
+    vectors = rng.normal(size=(model.nb_params, 3))
+    np.testing.assert_allclose(ForwardOverBackwardHVP(model, dataset)(vectors).numpy(), hessian @ vectors,
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_iterative_solvers_refuse_watched_weights_below_the_cut():
+    model, dataset, _, _ = _toy(all_layers=True)
+    with pytest.raises(ValueError, match="below extractor_layer"):
+        ConjugateGradientDescentIHVP(model, 1, dataset)
+
+
+@pytest.mark.parametrize("regularization", [0.0, 0.1])
+def test_lissa_within_its_convergence_bound(regularization):
+    model, dataset, gradients, hessian = _toy("float64")
+    damped = hessian + regularization * np.eye(2)
+    eigenvalues = np.linalg.eigvalsh(damped)
+    scale, damping, iterations = 1.2 * eigenvalues.max(), 1e-3, 300
+    ihvp = LissaIHVP(model, -1, dataset, n_opt_iters=iterations, damping=damping, scale=scale,
+                     regularization=regularization)
+    fixed_point = np.linalg.solve(damped + damping * scale * np.eye(2), gradients.T)
+    contraction = max(abs(1 - damping - eigenvalues / scale))
+    # x_n - x* = M^n (x_0 - x*) with ||M|| = contraction, x_0 = v; the result is x_n / scale.
+    bound = contraction ** (iterations + 1) * np.abs(gradients.T / scale - fixed_point).max() * 2 + 1e-9
+    result = _ihvp_columns(ihvp, dataset)
+    assert np.abs(result - fixed_point).max() <= bound + 1e-6 * np.abs(fixed_point).max()
+    assert _relative_error(result, np.linalg.solve(damped, gradients.T)) < 0.05
+    hvp = np.concatenate([block.numpy() for block in ihvp.compute_hvp(dataset)], axis=1)
+    np.testing.assert_allclose(hvp, hessian @ gradients.T, rtol=1e-8)
+
+
+def test_lissa_argument_errors():
+    model, dataset, _, _ = _toy()
+    with pytest.raises(ValueError, match="damping"):
+        LissaIHVP(model, -1, dataset, damping=1.5)
+    with pytest.raises(ValueError, match="scale"):
+        LissaIHVP(model, -1, dataset, scale=0.0)
+    with pytest.raises(ValueError, match="n_opt_iters"):
+        LissaIHVP(model, -1, dataset, n_opt_iters=0)
+
+
+def test_calculator_enum_and_factories():
+    assert IHVPCalculator.from_string("exact") is IHVPCalculator.Exact
+    assert IHVPCalculator.from_string("CGD").value is ConjugateGradientDescentIHVP
+    assert IHVPCalculator.from_string("lissa").value is LissaIHVP
+    assert ConjugateGradientIHVP is ConjugateGradientDescentIHVP
+    with pytest.raises(ValueError, match="exact"):
+        IHVPCalculator.from_string("newton")
+    model, dataset, _, hessian = _toy()
+    exact = ExactIHVPFactory(regularization=0.1).build(model, dataset)
+    np.testing.assert_allclose(exact.inv_hessian.numpy(), np.linalg.inv(hessian + 0.1 * np.eye(2)), rtol=1e-4)
+    cg = CGDIHVPFactory(feature_extractor=-1, n_cgd_iters=7).build(model, dataset)
+    assert isinstance(cg, ConjugateGradientDescentIHVP) and cg.n_opt_iters == 7 and cg.extractor_layer == -1
+    extractor = keras.Model(model.model.inputs[0], model.model.layers[0].output)
+    lissa = LissaIHVPFactory(feature_extractor=extractor, extractor_layer=1, damping=0.01, scale=3.0).build(
+        model, dataset)
+    assert isinstance(lissa, LissaIHVP) and lissa.feature_extractor is extractor and lissa.scale == 3.0
+    with pytest.raises(ValueError, match="extractor_layer"):
+        CGDIHVPFactory(feature_extractor=extractor)
