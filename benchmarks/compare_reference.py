@@ -49,9 +49,7 @@ TIMING_KEYS = ("time_hessian", "time_self", "time_pairwise", "rss_hessian_mib", 
 EPS_FLOAT32 = 2.0 ** -23
 
 
-# --------------------------------------------------------------------------------------------
-# Reference environment
-# --------------------------------------------------------------------------------------------
+# -------- Reference environment -----------------------------------------------------------
 def reference_env() -> Dict[str, str]:
     """Environment for processes running the reference (legacy Keras).
 
@@ -115,9 +113,7 @@ def setup_reference(force: bool = False) -> None:
     print("reference environment ready")
 
 
-# --------------------------------------------------------------------------------------------
-# Problem: data and trained weights
-# --------------------------------------------------------------------------------------------
+# -------- Problem: data and trained weights -----------------------------------------------
 def load_digits_split(n_train: int, n_test: int, seed: int) -> Dict[str, np.ndarray]:
     """Split scikit-learn's bundled digits (no network needed) into train and test sets.
 
@@ -239,9 +235,7 @@ def load_problem(path: Path) -> Tuple[Dict[str, np.ndarray], List[np.ndarray]]:
     return arrays, [arrays.pop(f"weight_{index}") for index in range(n_weights)]
 
 
-# --------------------------------------------------------------------------------------------
-# Float64 arbiter
-# --------------------------------------------------------------------------------------------
+# -------- Float64 arbiter -----------------------------------------------------------------
 def mlp_forward(x: np.ndarray, weights: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """Forward pass of the MLP in float64.
 
@@ -383,9 +377,7 @@ def compute_arbiters(data: Dict[str, np.ndarray], weights: List[np.ndarray], exa
             Arbiter("f64 exact", exact_rcond).solve(hessian, train_grads, test_grads)]
 
 
-# --------------------------------------------------------------------------------------------
-# Measured phases (shared with reference_runner.py) and this library's side
-# --------------------------------------------------------------------------------------------
+# -------- Measured phases (shared with reference_runner.py) and this library's side -------
 def peak_rss_mib() -> float:
     """Return the peak resident set size of this process so far.
 
@@ -537,9 +529,7 @@ def ours_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-# Guarded subprocesses
-# --------------------------------------------------------------------------------------------
+# -------- Guarded subprocesses ------------------------------------------------------------
 @dataclass
 class RunOutcome:
     """What a guarded subprocess produced.
@@ -633,8 +623,11 @@ def run_guarded(command: List[str], env: Dict[str, str], output: Path, limits: T
         text = log.read().decode("utf-8", errors="replace")
     status = status or ("ok" if process.returncode == 0 and output.exists() else "failed")
     if status != "ok":
-        lines = [line for line in text.splitlines() if line.strip()]
-        return RunOutcome(status=status, seconds=seconds, message="\n".join(lines[-15:]))
+        noise = ("I0000", "W0000", "E0000", "WARNING: All log messages")
+        lines = [line for line in text.splitlines() if line.strip() and not line.startswith(noise)]
+        reason = {"timeout": f"killed after {limits[0]:.0f} s", "memory": f"killed above {limits[1]:.0f} MiB RSS"}
+        return RunOutcome(status=status, seconds=seconds,
+                          message="\n".join(lines[-15:] + [reason.get(status, f"exit status {process.returncode}")]))
     with np.load(output) as archive:
         return RunOutcome(status=status, seconds=seconds, results={key: archive[key] for key in archive.files})
 
@@ -688,9 +681,7 @@ def run_side(name: str, batch: int, args: argparse.Namespace) -> RunOutcome:
     return outcome
 
 
-# --------------------------------------------------------------------------------------------
-# Metrics and report
-# --------------------------------------------------------------------------------------------
+# -------- Metrics and report --------------------------------------------------------------
 def relative_errors(values: np.ndarray, truth: np.ndarray) -> Tuple[float, float]:
     """Two relative error measures of ``values`` (a) against ``truth`` (b).
 
@@ -837,7 +828,7 @@ def report(batches: List[int], outcomes: Dict[Tuple[str, int], RunOutcome], arbi
     print("\nAgreement: max|a-b|/max|b| and 99th percentile of |a-b|/|b| (a vs b)")
     for arbiter in arbiters:
         print(f"  {arbiter.name}: float64 closed form, pinv keeping |eig| > {arbiter.rcond:.3g} max|eig| "
-              f"(rank {arbiter.rank}; nearest eigenvalue a factor {arbiter.margin:.4g} from the cut-off)")
+              f"(rank {arbiter.rank}; nearest eigenvalue a factor {arbiter.margin:.6g} from the cut-off)")
     rows, metrics = [], {}
     for batch in batches:
         batch_rows, metrics[str(batch)] = accuracy_rows(
@@ -855,9 +846,7 @@ def report(batches: List[int], outcomes: Dict[Tuple[str, int], RunOutcome], arbi
     return passed, metrics
 
 
-# --------------------------------------------------------------------------------------------
-# Driver
-# --------------------------------------------------------------------------------------------
+# -------- Driver --------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the command line.
 
@@ -939,8 +928,8 @@ def run_benchmark(args: argparse.Namespace) -> bool:
           f"(N_train={args.n_train}, N_test={args.n_test}): test accuracy {accuracy:.3f}, "
           f"last layer P={weights[-2].size + weights[-1].size}")
     if arbiters[0].margin < 1.01:
-        print(f"WARNING: an eigenvalue of the mean Hessian lies a factor {arbiters[0].margin:.5f} from the pinv cut-off: "
-              "float32 rounding may keep it on one side and drop it on the other (try another --seed)")
+        print(f"WARNING: an eigenvalue of the mean Hessian lies a factor {arbiters[0].margin:.5f} from the pinv "
+              "cut-off: float32 rounding may keep it on one side and drop it on the other (try another --seed)")
 
     outcomes: Dict[Tuple[str, int], RunOutcome] = {}
     batches = list(dict.fromkeys(args.batch_sizes + list(args.ours_only_batch_sizes)))

@@ -158,7 +158,9 @@ def is_dataset_batched(dataset: tf.data.Dataset) -> Union[int, bool]:
 
     A dataset is taken as batched when every component of its elements has a leading (batch) dimension and
     these dimensions agree: unknown (``batch(..., drop_remainder=False)``, followed or not by ``map``,
-    ``prefetch``, ``cache``...) or the same static size (``drop_remainder=True``).
+    ``prefetch``, ``cache``...) or the same static size (``drop_remainder=True``). Only in that last case, which
+    unbatched samples whose components share their first dimension also match, are the dataset's transformations
+    inspected (best effort) to tell the two apart.
 
     Returns
     -------
@@ -175,9 +177,33 @@ def is_dataset_batched(dataset: tf.data.Dataset) -> Union[int, bool]:
     known = {int(dim) for dim in dims if dim is not None}
     if len(known) > 1:
         return False
-    if len(known) < len(dims):
+    if any(dim is None for dim in dims):
         return True
-    return known.pop()
+    # Every component has the same static leading size: a batch(..., drop_remainder=True), or unbatched samples
+    # whose components happen to share their first dimension. Only then is the pipeline consulted.
+    return known.pop() if _pipeline_has_batch(dataset) is not False else False
+
+
+_BATCHING_DATASETS = ("_BatchDataset", "_ParallelBatchDataset", "_PaddedBatchDataset", "_RebatchDataset",
+                      "_DenseToRaggedDataset", "BatchDataset", "PaddedBatchDataset", "ParallelBatchDataset")
+_UNBATCHING_DATASETS = ("_UnbatchDataset", "UnbatchDataset")
+
+
+def _pipeline_has_batch(dataset: tf.data.Dataset) -> Optional[bool]:
+    """Walk the transformations behind ``dataset`` (best effort): True if the last (un)batching step batches,
+    False if it unbatches or the source is reached without batching, None if the pipeline cannot be read."""
+    current = dataset
+    for _ in range(1000):
+        name = type(current).__name__
+        if name in _BATCHING_DATASETS:
+            return True
+        if name in _UNBATCHING_DATASETS:
+            return False
+        parent = getattr(current, "_input_dataset", None)
+        if not isinstance(parent, tf.data.Dataset):
+            return False if "TensorSlice" in name or "Range" in name else None
+        current = parent
+    return None
 
 
 def assert_batched_dataset(dataset: tf.data.Dataset, name: str = "dataset") -> None:
