@@ -93,7 +93,11 @@ def split_model_shared(model: keras.Model, target_layer: Union[str, int, keras.l
         If the model is not built, if the target is an input layer, or if the target is not a cut of the graph
         (e.g. a skip connection goes around it).
     """
-    if not model.inputs:
+    try:
+        model_inputs = model.inputs
+    except AttributeError:  # an unbuilt Sequential has no inputs yet
+        model_inputs = None
+    if not model_inputs:
         raise ValueError("The model must be built with a known input shape (e.g. start it with keras.Input) to be "
                          "split; subclassed models cannot be split automatically.")
     index = _layer_index(model, target_layer)
@@ -276,16 +280,15 @@ def dataset_to_tensor(dataset: tf.data.Dataset) -> Union[tf.Tensor, Tuple[tf.Ten
     Returns
     -------
     tensor or tuple of tensors
-        A tensor (N, ...) for datasets of tensors; a tuple with one concatenated tensor per component for
-        datasets of tuples (e.g. ``(x (N, ...), y (N, ...))``).
+        A tensor (N, ...) for datasets of tensors; for datasets of (nested) tuples, the same structure with every
+        component concatenated (e.g. ``(x (N, ...), y (N, ...))`` or ``((x, y), values)``).
     """
     assert_batched_dataset(dataset)
     batches = list(dataset)
     if not batches:
         raise ValueError("dataset is empty.")
-    if isinstance(batches[0], (tuple, list)):
-        return tuple(tf.concat(list(parts), axis=0) for parts in zip(*batches))
-    return tf.concat(batches, axis=0)
+    concatenated = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
+    return tuple(concatenated) if isinstance(concatenated, list) else concatenated
 
 
 def extract_only_values(dataset: tf.data.Dataset) -> tf.Tensor:
