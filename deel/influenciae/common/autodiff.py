@@ -109,6 +109,13 @@ class LossKernels:
         inputs, targets, sample_weight = self._split(batch)
         return self._losses_at(self.flat_weights(), inputs, targets, sample_weight)
 
+    def _gradient_at(self, theta: tf.Tensor, inputs: Any, targets: Any, sample_weight: Any) -> tf.Tensor:
+        """Gradient at θ of the summed loss of the given samples: (P,). Differentiable again (outer tapes)."""
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            loss = tf.reduce_sum(self._losses_at(theta, inputs, targets, sample_weight))
+        return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
     def _per_sample_gradients_eager(self, batch: Tuple) -> tf.Tensor:
         inputs, targets, sample_weight = self._split(batch)
         theta = self.flat_weights()
@@ -116,45 +123,29 @@ class LossKernels:
         def one_sample(sample):
             sample = tf.nest.map_structure(lambda tensor: tf.expand_dims(tensor, 0), sample)
             inputs_i, targets_i, weight_i = sample if len(sample) == 3 else (*sample, None)
-            with tf.GradientTape() as tape:
-                tape.watch(theta)
-                loss = tf.reduce_sum(self._losses_at(theta, inputs_i, targets_i, weight_i))
-            return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return self._gradient_at(theta, inputs_i, targets_i, weight_i)
 
         samples = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
         return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=True)
 
     def _summed_gradient_eager(self, batch: Tuple) -> tf.Tensor:
-        inputs, targets, sample_weight = self._split(batch)
-        theta = self.flat_weights()
-        with tf.GradientTape() as tape:
-            tape.watch(theta)
-            loss = tf.reduce_sum(self._losses_at(theta, inputs, targets, sample_weight))
-        return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return self._gradient_at(self.flat_weights(), *self._split(batch))
 
     def _summed_hessian_eager(self, batch: Tuple) -> tf.Tensor:
-        inputs, targets, sample_weight = self._split(batch)
         theta = self.flat_weights()
         with tf.GradientTape() as outer:
             outer.watch(theta)
-            with tf.GradientTape() as inner:
-                inner.watch(theta)
-                loss = tf.reduce_sum(self._losses_at(theta, inputs, targets, sample_weight))
-            gradient = inner.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gradient = self._gradient_at(theta, *self._split(batch))
         # A loop of P backward passes measured faster than pfor here (1.7 s vs 9.8 s at P = 2,410, N = 1,437).
         return outer.jacobian(gradient, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO,
                               experimental_use_pfor=False)
 
     def _summed_hvp_eager(self, batch: Tuple, vectors: tf.Tensor) -> tf.Tensor:
-        inputs, targets, sample_weight = self._split(batch)
         theta = self.flat_weights()
         vectors = tf.cast(vectors, theta.dtype)
         with tf.GradientTape() as outer:
             outer.watch(theta)
-            with tf.GradientTape() as inner:
-                inner.watch(theta)
-                loss = tf.reduce_sum(self._losses_at(theta, inputs, targets, sample_weight))
-            gradient = inner.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gradient = self._gradient_at(theta, *self._split(batch))
             projections = tf.linalg.matvec(vectors, gradient, transpose_a=True)  # (K,) = Vᵀ g
         # d(Vᵀ g)/dθ = Vᵀ H (K, P); H is symmetric so its transpose is H V.
         return tf.transpose(outer.jacobian(projections, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO))
