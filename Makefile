@@ -13,7 +13,7 @@ $(VENV)/bin/activate:
 	$(PIP) install --quiet --upgrade pip
 
 $(VENV)/.installed-base: setup.py $(VENV)/bin/activate
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -e ".[demo]"
 	touch $@
 
 $(VENV)/.installed-tests: setup.py $(VENV)/bin/activate

@@ -19,6 +19,7 @@ setup(
     install_requires=["tensorflow>=2.16", "numpy", "matplotlib"],
     extras_require={
         "tests": ["pytest", "scikit-learn", "scipy", "pylint"],
+        "demo": ["scikit-learn"],
         "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]"],
     },
     classifiers=[

@@ -110,6 +110,9 @@ def test_top_k_with_short_last_batch_and_indices(setup, order, cache):
     np.testing.assert_array_equal(np.concatenate(samples), setup["x_train"][expected_indices])
     plain = next(iter(calculator.top_k(setup["test"], setup["train"], k=k, order=order)))
     assert len(plain) == 3
+    positional = next(iter(calculator.top_k(setup["test"], setup["train"], k, order)))  # README form
+    np.testing.assert_array_equal(positional[1].numpy(), plain[1].numpy())
+    np.testing.assert_allclose(positional[1].numpy(), np.concatenate(values)[:5], rtol=1e-5)
 
 
 def test_top_k_save_and_errors(setup, tmp_path):

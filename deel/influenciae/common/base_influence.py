@@ -343,7 +343,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         k
             Number of training samples per test sample, 1 <= k <= N_train.
         nearest_neighbors
-            Search strategy (default: an exact :class:`LinearNearestNeighbors`).
+            Search strategy (default: an exact :class:`LinearNearestNeighbors`). An ``ORDER`` given here (fourth
+            positional argument) is taken as ``order``.
         influence_vector_in_cache, load_influence_vector_ds_path, save_influence_vector_ds_path
             See :meth:`estimate_influence_values_in_batches`.
         save_top_k_ds_path
@@ -369,6 +370,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             If ``k < 1`` or ``k > N_train``.
         """
         _check_k(k)
+        if isinstance(nearest_neighbors, ORDER):
+            # top_k(test, train, k, ORDER.X): the order given positionally, as in the reference's README.
+            nearest_neighbors, order = None, nearest_neighbors
         assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
         inf_vect_ds, size = self._influence_vector_dataset(train_set, influence_vector_in_cache,
                                                            load_influence_vector_ds_path,
