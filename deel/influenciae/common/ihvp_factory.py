@@ -5,6 +5,7 @@ from typing import Optional, Union
 import keras
 import tensorflow as tf
 
+from .arnoldi_ihvp import ArnoldiIHVP
 from .inverse_hessian_vector_product import (ConjugateGradientDescentIHVP, ExactIHVP, InverseHessianVectorProduct,
                                              LissaIHVP)
 from .model_wrappers import InfluenceModel
@@ -83,3 +84,37 @@ class LissaIHVPFactory(InverseHessianVectorProductFactory):
     def build(self, model_influence: InfluenceModel, dataset: tf.data.Dataset) -> InverseHessianVectorProduct:
         return LissaIHVP(model_influence, self.extractor_layer, dataset, self.n_cgd_iters, self.feature_extractor,
                          damping=self.damping, scale=self.scale, regularization=self.regularization)
+
+
+class ArnoldiIHVPFactory(InverseHessianVectorProductFactory):
+    """Builds :class:`~deel.influenciae.common.ArnoldiIHVP` solvers.
+
+    Parameters
+    ----------
+    subspace_dim
+        Dimension of the Krylov space (default ``min(P, 200)``).
+    k_largest_eig_vals
+        Number of Ritz pairs of largest magnitude kept (default ``subspace_dim``).
+    force_hermitian
+        Use the symmetric eigensolver.
+    regularization
+        λ added to every kept eigenvalue.
+    seed
+        Seed of the start vector.
+    hvp_batch_size
+        Samples per chunk of the Hessian-vector-product passes.
+    """
+
+    def __init__(self, subspace_dim: Optional[int] = None, k_largest_eig_vals: Optional[int] = None,
+                 force_hermitian: bool = True, regularization: float = 0.0, seed: Optional[int] = None,
+                 hvp_batch_size: Optional[int] = None):
+        self.subspace_dim = subspace_dim
+        self.k_largest_eig_vals = k_largest_eig_vals
+        self.force_hermitian = force_hermitian
+        self.regularization = regularization
+        self.seed = seed
+        self.hvp_batch_size = hvp_batch_size
+
+    def build(self, model_influence: InfluenceModel, dataset: tf.data.Dataset) -> InverseHessianVectorProduct:
+        return ArnoldiIHVP(model_influence, dataset, self.subspace_dim, self.k_largest_eig_vals, self.force_hermitian,
+                           regularization=self.regularization, seed=self.seed, hvp_batch_size=self.hvp_batch_size)
