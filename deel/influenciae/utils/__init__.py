@@ -1,4 +1,5 @@
 """Small, dependency-free helpers: ranking, nearest neighbours, conjugate gradients, layers and datasets."""
+from .backtracking_line_search import BacktrackingLineSearch, BTLSParameters, backtracking_line_search
 from .conjugate_gradients import conjugate_gradients_solve
 from .nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
 from .sorted_dict import ORDER, BatchSort, stable_top_k
@@ -8,6 +9,7 @@ from .tf_operations import (array_to_dataset, assert_batched_dataset, assert_kno
                             split_model_shared)
 
 __all__ = [
+    "BacktrackingLineSearch", "BTLSParameters", "backtracking_line_search",
     "conjugate_gradients_solve", "BaseNearestNeighbors", "LinearNearestNeighbors", "ORDER", "BatchSort",
     "stable_top_k", "array_to_dataset", "assert_batched_dataset", "assert_known_cardinality", "batch_sizes",
     "dataset_size", "dataset_to_tensor", "default_process_batch", "extract_only_values", "find_layer",

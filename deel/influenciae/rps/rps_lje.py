@@ -1,0 +1,119 @@
+"""Representer Point Selection via Local Jacobian Expansion (Sui et al., NeurIPS 2021)."""
+from typing import Optional, Tuple, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..common.ihvp_factory import ExactIHVPFactory, InverseHessianVectorProductFactory
+from ..common.model_wrappers import InfluenceModel, assert_finite
+from ..utils.tf_operations import assert_batched_dataset
+from .base_representer_point import BaseRepresenterPoint
+
+
+class RepresenterPointLJE(BaseRepresenterPoint):
+    r"""Representer points from a local (first-order) expansion of the last layer's gradient (Sui et al. 2021).
+
+    Let W (D × C) be the kernel of the trained last layer, ``g_i(W) = ∂ℓ_i/∂W`` the gradient of training sample
+    i's loss (``ℓ_i = loss(y_i, head(z_i))``) and n the number of training samples.
+
+    1. Perturb the head by one gradient-*ascent* step on the summed loss of the Hessian samples
+       (as the reference): ``W' = W + η Σ_i g_i(W)`` (``η = perturbation_lr``).
+    2. Expand the gradient around ``W'``: ``0 ≈ ḡ(W) ≈ ḡ(W') + H'(W - W')`` with ``H'`` the mean Hessian of the
+       loss w.r.t. W at ``W'`` (pseudo-inverse ``H'⁺`` from the IHVP factory), hence
+       ``W ≈ W' - H'⁺ ḡ(W') = Σ_i Θ_i`` with ``Θ_i = (W' - H'⁺ g_i(W')) / n`` (a D × C matrix per sample,
+       IHVP applied to the row-major vectorised gradient).
+    3. Write each ``Θ_i`` as a representer ``z_i alpha_iᵀ`` in the least-squares sense:
+       ``alpha_i = Θ_iᵀ z_i / ||z_i||²`` (C,), i.e.
+
+       ``alpha_i = (W'ᵀ z_i - (H'⁺ g_i(W'))ᵀ z_i) / (n ||z_i||²)``  (0 when ``z_i = 0``).
+
+    Values and self-influence follow :class:`BaseRepresenterPoint`: ``alpha[i, pred(t)] <z_i, z_t>`` and
+    ``|alpha[i, pred(i)]|`` with the original model's predicted class.
+
+    Parameters
+    ----------
+    influence_model
+        :class:`InfluenceModel` of the classifier (its Keras model must end with ``Dense(C, use_bias=False)``;
+        only its model and loss are used: the watched weights are always the last layer's kernel).
+    dataset
+        Batched training dataset ``(x, y)``.
+    ihvp_calculator_factory
+        Builds the IHVP solver on the perturbed head (default :class:`ExactIHVPFactory`).
+    n_samples_for_hessian
+        Use this many training samples (drawn with ``seed``) for the perturbation and the Hessian; all by default.
+    target_layer
+        Must designate the last layer (-1): the expansion is about the last layer only.
+    shuffle_buffer_size
+        Kept for compatibility with the reference (the subset is drawn uniformly with ``seed``).
+    epsilon
+        Norms ``||z_i||² <= epsilon²`` are treated as zero (alpha = 0).
+    perturbation_lr
+        η of the ascent step.
+    seed
+        Seed of the Hessian subset.
+    """
+
+    def __init__(self, influence_model: InfluenceModel, dataset: tf.data.Dataset,
+                 ihvp_calculator_factory: Optional[InverseHessianVectorProductFactory] = None,
+                 n_samples_for_hessian: Optional[int] = None, target_layer: Union[int, str] = -1,
+                 shuffle_buffer_size: int = 10000, epsilon: float = 1e-5, perturbation_lr: float = 1e-4,
+                 seed: Optional[int] = 0):
+        if not isinstance(influence_model, InfluenceModel):
+            raise TypeError(f"influence_model must be an InfluenceModel, got {type(influence_model).__name__}.")
+        model = influence_model.model
+        if target_layer not in (-1, len(model.layers) - 1, model.layers[-1].name):
+            raise ValueError(f"RepresenterPointLJE expands the last layer only: target_layer must be -1 (the last "
+                             f"layer), got {target_layer!r}.")
+        assert_batched_dataset(dataset, "dataset")
+        super().__init__(model, dataset, influence_model.loss_function, -1)
+        self.process_batch_for_loss_fn = influence_model.process_batch_for_loss_fn
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.epsilon = float(epsilon)
+        self.perturbation_lr = float(perturbation_lr)
+        features, labels, batch_size = self._feature_dataset_tensors()
+        self.n_train = int(features.shape[0])
+        if n_samples_for_hessian is not None and 0 < int(n_samples_for_hessian) < self.n_train:
+            chosen = np.sort(np.random.default_rng(seed).permutation(self.n_train)[:int(n_samples_for_hessian)])
+            features, labels = tf.gather(features, chosen), tf.gather(labels, chosen)
+        self.hessian_dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size)
+        self.perturbed_head = keras.models.clone_model(self.original_head)
+        self.perturbed_head.set_weights(self.original_head.get_weights())
+        self.head_model = InfluenceModel(self.perturbed_head, start_layer=-1, loss_function=self.loss_function)
+        self._perturb_head()
+        factory = ExactIHVPFactory() if ihvp_calculator_factory is None else ihvp_calculator_factory
+        self.ihvp_calculator = factory.build(self.head_model, self.hessian_dataset)
+
+    def _feature_dataset_tensors(self) -> Tuple[tf.Tensor, tf.Tensor, int]:
+        """Features and labels of every training sample, and the first batch size."""
+        features, labels, batch_size = [], [], None
+        for batch in self.train_set:
+            inputs, targets, _ = self.process_batch_for_loss_fn(tuple(batch))
+            features.append(self._features(inputs))
+            labels.append(targets)
+            batch_size = batch_size or int(tf.shape(features[-1])[0])
+        if not features:
+            raise ValueError("dataset is empty.")
+        return tf.concat(features, 0), tf.concat(labels, 0), batch_size
+
+    def _perturb_head(self) -> None:
+        """``W' = W + η Σ_i g_i(W)`` over the Hessian samples."""
+        total = tf.zeros((self.head_model.nb_params,), self.head_model.dtype)
+        for batch in self.hessian_dataset:
+            total += self.head_model.batch_gradient_tensor(batch)
+        assert_finite(total, "gradients of the head")
+        kernel = self.perturbed_head.layers[-1].kernel
+        kernel.assign(kernel.value + tf.cast(self.perturbation_lr, kernel.dtype) * tf.reshape(total, kernel.shape))
+
+    def _compute_alpha(self, z_batch: tf.Tensor, y_batch: tf.Tensor) -> tf.Tensor:
+        """``alpha_i = (W'ᵀ z_i - (H'⁺ g_i(W'))ᵀ z_i) / (n ||z_i||²)``: (B, C)."""
+        features = tf.cast(z_batch, self.head_model.dtype)
+        gradients = self.head_model.batch_jacobian_tensor((features, y_batch))  # (B, D·C), row-major (d, c)
+        corrections = tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(gradients)))
+        corrections = tf.reshape(tf.cast(corrections, features.dtype), (-1, tf.shape(features)[1], self.n_classes))
+        perturbed_kernel = tf.cast(self.perturbed_head.layers[-1].kernel.value, features.dtype)
+        numerator = tf.matmul(features, perturbed_kernel) - tf.einsum("bdc,bd->bc", corrections, features)
+        sq_norms = tf.reduce_sum(tf.square(features), axis=1, keepdims=True)
+        safe = sq_norms > self.epsilon ** 2
+        denominator = tf.cast(self.n_train, features.dtype) * tf.where(safe, sq_norms, tf.ones_like(sq_norms))
+        return tf.where(safe, numerator / denominator, tf.zeros_like(numerator))

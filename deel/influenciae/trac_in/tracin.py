@@ -1,0 +1,125 @@
+"""TracIn (Pruthi et al. 2020), checkpoint version TracInCP."""
+from numbers import Real
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from ..common.base_influence import BaseInfluenceCalculator
+from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel
+from ..utils.tf_operations import default_process_batch
+
+
+def _broadcast_learning_rates(learning_rates: Union[float, Sequence[float]], nb_models: int) -> Tuple[float, ...]:
+    """A scalar applies to every checkpoint; a list, tuple or 1-D array must hold one rate per checkpoint."""
+    if isinstance(learning_rates, (Real, np.floating, np.integer)) and not isinstance(learning_rates, bool):
+        rates = (float(learning_rates),) * nb_models
+    elif isinstance(learning_rates, (list, tuple, np.ndarray)) or tf.is_tensor(learning_rates):
+        rates = tuple(float(rate) for rate in np.asarray(learning_rates, dtype=np.float64).reshape(-1))
+        if len(rates) != nb_models:
+            raise ValueError(f"learning_rates holds {len(rates)} rates but there are {nb_models} checkpoints (models); "
+                             "give one learning rate per checkpoint, or a single number for all of them.")
+    else:
+        raise TypeError(f"learning_rates must be a number or a list/tuple of numbers, got "
+                        f"{type(learning_rates).__name__}.")
+    if not all(np.isfinite(rate) and rate >= 0 for rate in rates):
+        raise ValueError(f"learning rates must be finite and >= 0, got {rates}.")
+    return rates
+
+
+class TracIn(BaseInfluenceCalculator):
+    r"""TracInCP: influence as the sum over training checkpoints of learning-rate-weighted gradient products.
+
+    With checkpoints k = 1..K (model weights saved during training), ``lr_k`` the learning rate in use at
+    checkpoint k and ``g_k(z)`` the gradient of z's loss w.r.t. the watched weights of checkpoint k (P_k values):
+
+    * influence vector of a training sample z: ``v(z) = [√lr_1 g_1(z), ..., √lr_K g_K(z)]`` of length
+      ``D = Σ_k P_k``;
+    * test-side representation: the same vector ``v(t)`` for the sample t to evaluate;
+    * influence of z on t: ``I(t, z) = <v(t), v(z)> = Σ_k lr_k g_k(t)·g_k(z)``. **Positive**: gradient steps on z
+      reduced t's loss (z is a proponent); negative: an opponent;
+    * self-influence: ``I(z, z) = Σ_k lr_k ||g_k(z)||²`` (≥ 0), shape (B, 1).
+
+    Parameters
+    ----------
+    models
+        One :class:`InfluenceModel` per checkpoint. Checkpoints may watch different layers (``P_k`` may differ),
+        since training-side and test-side vectors are always built from the same checkpoint; they must share a
+        floating dtype.
+    learning_rates
+        A number (applied to every checkpoint) or a list/tuple with one learning rate per checkpoint.
+
+    Raises
+    ------
+    ValueError
+        Empty ``models``, a number of learning rates different from the number of checkpoints, a negative or
+        non-finite rate, or checkpoints of different dtypes.
+    """
+
+    def __init__(self, models: Sequence[BaseInfluenceModel], learning_rates: Union[float, Sequence[float]]):
+        if isinstance(models, BaseInfluenceModel):
+            models = [models]
+        models = list(models)
+        if not models:
+            raise ValueError("TracIn needs at least one checkpoint (models is empty).")
+        for position, model in enumerate(models):
+            if not isinstance(model, BaseInfluenceModel):
+                raise TypeError(f"models[{position}] must be an InfluenceModel, got {type(model).__name__}.")
+        dtypes = {model.dtype for model in models}
+        if len(dtypes) != 1:
+            raise ValueError(f"All checkpoints must watch weights of one dtype, got {sorted(d.name for d in dtypes)}.")
+        self.models = models
+        self.learning_rates = _broadcast_learning_rates(learning_rates, len(models))
+        self.dtype = dtypes.pop()
+        self._scales = [tf.constant(np.sqrt(rate), self.dtype) for rate in self.learning_rates]
+        self.nb_params = sum(model.nb_params for model in models)
+
+    @classmethod
+    def from_models_saver(cls, saver, loss_function: Callable, start_layer=None, last_layer=None,
+                          process_batch_for_loss_fn: Callable = default_process_batch) -> "TracIn":
+        """Build TracIn from the checkpoints collected by a :class:`~deel.influenciae.trac_in.ModelsSaver`.
+
+        Every checkpoint is wrapped as ``InfluenceModel(model, start_layer, last_layer, loss_function,
+        process_batch_for_loss_fn)``; the learning rates are those the saver recorded.
+        """
+        models, learning_rates = saver.checkpoints()
+        influence_models = [InfluenceModel(model, start_layer=start_layer, last_layer=last_layer,
+                                           loss_function=loss_function,
+                                           process_batch_for_loss_fn=process_batch_for_loss_fn) for model in models]
+        return cls(influence_models, learning_rates)
+
+    def _scaled_gradients(self, samples: Tuple) -> tf.Tensor:
+        """``[√lr_1 g_1, ..., √lr_K g_K]`` for a batch: (B, Σ_k P_k)."""
+        samples = tuple(samples)
+        return tf.concat([scale * model.batch_jacobian_tensor(samples)
+                          for model, scale in zip(self.models, self._scales)], axis=1)
+
+    def _compute_influence_vector(self, train_samples: Tuple) -> tf.Tensor:
+        """Influence vectors ``v(z)``: (B, Σ_k P_k)."""
+        return self._scaled_gradients(train_samples)
+
+    def _preprocess_samples(self, samples: Tuple) -> tf.Tensor:
+        """Test-side vectors ``v(t)`` (same construction as the influence vectors): (B_t, Σ_k P_k)."""
+        return self._scaled_gradients(samples)
+
+    def _estimate_influence_value_from_influence_vector(self, preproc_test_sample: tf.Tensor,
+                                                        influence_vector: tf.Tensor) -> tf.Tensor:
+        """``Σ_k lr_k g_k(t)·g_k(z)`` for every pair: (B_t, B_tr)."""
+        return tf.matmul(preproc_test_sample, tf.cast(influence_vector, preproc_test_sample.dtype), transpose_b=True)
+
+    def _compute_influence_value_from_batch(self, train_samples: Tuple) -> tf.Tensor:
+        """Self-influence ``Σ_k lr_k ||g_k(z)||²``: (B, 1)."""
+        vectors = self._scaled_gradients(train_samples)
+        return tf.reduce_sum(tf.square(vectors), axis=1, keepdims=True)
+
+    def checkpoint_values(self, samples_to_evaluate: Tuple, train_samples: Tuple,
+                          checkpoint: Optional[int] = None) -> tf.Tensor:
+        """Contribution ``lr_k g_k(t)·g_k(z)`` of one checkpoint (or all, summed, when ``checkpoint`` is None)
+        for a test batch and a training batch: (B_t, B_tr)."""
+        if checkpoint is None:
+            return self._estimate_individual_influence_values_from_batch(tuple(train_samples),
+                                                                         tuple(samples_to_evaluate))
+        model, scale = self.models[checkpoint], self._scales[checkpoint]
+        test = model.batch_jacobian_tensor(tuple(samples_to_evaluate))
+        train = model.batch_jacobian_tensor(tuple(train_samples))
+        return scale * scale * tf.matmul(test, train, transpose_b=True)
