@@ -12,6 +12,7 @@ with ``model.stateless_call`` so that θ can be differentiated freely, and expos
 
 θ is read from the variables on every call, so the kernels always see the current weights.
 """
+import warnings
 from typing import Any, Callable, List, Sequence, Tuple
 
 import keras
@@ -126,7 +127,13 @@ class LossKernels:
             return self._gradient_at(theta, inputs_i, targets_i, weight_i)
 
         samples = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
-        return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=True)
+        try:
+            return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=False)
+        except (ValueError, NotImplementedError, TypeError) as error:  # an op pfor cannot vectorize (at trace time)
+            warnings.warn(f"Per-sample gradients could not be fully vectorized ({type(error).__name__}: "
+                          f"{str(error)[:200]}); falling back to a slower while loop for the unsupported ops.",
+                          RuntimeWarning, stacklevel=2)
+            return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=True)
 
     def _summed_gradient_eager(self, batch: Tuple) -> tf.Tensor:
         return self._gradient_at(self.flat_weights(), *self._split(batch))
