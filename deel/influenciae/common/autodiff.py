@@ -12,12 +12,22 @@ with ``model.stateless_call`` so that θ can be differentiated freely, and expos
 
 θ is read from the variables on every call, so the kernels always see the current weights.
 """
+import inspect
 import warnings
 from typing import Any, Callable, List, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+
+def _accepts_training(model: keras.Model) -> bool:
+    """Whether ``model.call`` takes a ``training`` argument (subclassed models may not)."""
+    try:
+        parameters = inspect.signature(model.call).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "training" or p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 class LossKernels:
@@ -61,6 +71,8 @@ class LossKernels:
         self.nb_params = int(sum(self.sizes))
         if self.nb_params == 0:
             raise ValueError("The watched weights hold no parameter.")
+        # Inference mode (dropout off, BatchNorm statistics frozen) for models whose call() takes `training`.
+        self._call_kwargs = {"training": False} if _accepts_training(model) else {}
         self.per_sample_losses = tf.function(self._per_sample_losses_eager, reduce_retracing=True)
         self.per_sample_gradients = tf.function(self._per_sample_gradients_eager, reduce_retracing=True)
         self.summed_gradient = tf.function(self._summed_gradient_eager, reduce_retracing=True)
@@ -87,7 +99,7 @@ class LossKernels:
 
         outputs, _ = self.model.stateless_call(pick(self.model.trainable_variables, self._trainable_slots),
                                                pick(self.model.non_trainable_variables, self._non_trainable_slots),
-                                               inputs, training=False)
+                                               inputs, **self._call_kwargs)
         if sample_weight is None:
             losses = self.loss_function(targets, outputs)
         else:

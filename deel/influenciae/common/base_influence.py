@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
 from ..utils.sorted_dict import ORDER
-from ..utils.tf_operations import assert_batched_dataset, assert_known_cardinality, dataset_size, map_to_device
+from ..utils.tf_operations import (assert_batched_dataset, assert_known_cardinality, dataset_size, get_device,
+                                   map_to_device)
 from .model_wrappers import assert_finite
 
 
@@ -88,7 +89,11 @@ class SelfInfluenceCalculator(ABC):
         ValueError
             If a value is not finite.
         """
-        values = [batch_values for _, batch_values in self.compute_influence_values(train_set, device)]
+        assert_batched_dataset(train_set, "train_set")
+        # Eager loop over batches: the hooks call compiled kernels, and this avoids re-instantiating a
+        # tf.data map function per call (a fixed ~0.1 s that dominates on small data).
+        with tf.device(get_device(device)):
+            values = [self._compute_influence_value_from_batch(tuple(batch)) for batch in train_set]
         if not values:
             raise ValueError("train_set is empty.")
         values = tf.concat(values, axis=0)
