@@ -178,3 +178,14 @@ def test_calculator_enum_and_factories():
     assert isinstance(lissa, LissaIHVP) and lissa.feature_extractor is extractor and lissa.scale == 3.0
     with pytest.raises(ValueError, match="extractor_layer"):
         CGDIHVPFactory(feature_extractor=extractor)
+
+
+def test_exact_damped_indefinite_hessian_falls_back_to_eigendecomposition():
+    model, dataset, gradients, hessian = _toy("float64", all_layers=True)
+    smallest = np.linalg.eigvalsh(hessian).min()
+    assert smallest < 0
+    for regularization in (0.5 * abs(smallest), 2.0 * abs(smallest)):  # indefinite, then positive definite
+        ihvp = ExactIHVP(model, dataset, regularization=regularization)
+        expected = np.linalg.solve(hessian + regularization * np.eye(8), gradients.T)
+        assert _relative_error(_ihvp_columns(ihvp, dataset), expected) < 1e-6
+        np.testing.assert_allclose(ihvp.eigenvalues.numpy(), np.linalg.eigvalsh(hessian), rtol=1e-6, atol=1e-9)

@@ -104,10 +104,11 @@ class ExactIHVP(InverseHessianVectorProduct):
     """Exact inverse-Hessian-vector products from the full mean Hessian.
 
     The Hessian is accumulated batch by batch as the Jacobian of the gradient of each batch's summed loss
-    (one P×P matrix per batch), divided by the number of samples, then factorised once as ``H = Q diag(e) Qᵀ``
-    in float64. The solver applies ``Q diag(f(e + λ)) Qᵀ`` with ``f(s) = 1/s``, except that eigenvalues with
-    ``|s| <= rcond · max|s|`` are dropped (``f(s) = 0``): with ``λ = 0`` this is the Moore–Penrose
-    pseudo-inverse, as in the reference.
+    (one P×P matrix per batch), divided by the number of samples, then factorised once in float64. With
+    ``λ > 0`` and ``H + λI`` positive definite, ``(H + λI)⁻¹`` comes from a Cholesky factorisation. Otherwise
+    ``H = Q diag(e) Qᵀ`` and the solver applies ``Q diag(f(e + λ)) Qᵀ`` with ``f(s) = 1/s``, except that
+    eigenvalues with ``|s| <= rcond · max|s|`` are dropped (``f(s) = 0``): with ``λ = 0`` this is the
+    Moore–Penrose pseudo-inverse, as in the reference.
 
     Parameters
     ----------
@@ -133,7 +134,7 @@ class ExactIHVP(InverseHessianVectorProduct):
     inv_hessian : tf.Tensor
         (P, P) matrix applied to vectors: ``(H + λI)⁻¹`` (pseudo-inverse when λ = 0), model dtype.
     eigenvalues : tf.Tensor
-        (P,) eigenvalues of the mean Hessian, float64, ascending.
+        (P,) eigenvalues of the mean Hessian, float64, ascending (computed lazily).
     """
 
     def __init__(self, model: BaseInfluenceModel, train_dataset: Optional[tf.data.Dataset] = None,
@@ -165,17 +166,48 @@ class ExactIHVP(InverseHessianVectorProduct):
             hessian64 = self._mean_hessian(train_dataset)
         assert_finite(hessian64, "Hessian")
         hessian64 = 0.5 * (hessian64 + tf.transpose(hessian64))
-        eigenvalues, eigenvectors = tf.linalg.eigh(hessian64)
-        shifted = eigenvalues + regularization
         if rcond is None:
             rcond = 10.0 * nb_params * float(np.finfo(model.dtype.as_numpy_dtype).eps)  # pylint: disable=no-member
-        cutoff = rcond * tf.reduce_max(tf.abs(shifted))
-        keep = tf.abs(shifted) > cutoff
-        inverse_spectrum = tf.where(keep, 1.0 / tf.where(keep, shifted, 1.0), 0.0)
-        inverse64 = tf.matmul(eigenvectors * inverse_spectrum[None, :], eigenvectors, transpose_b=True)
-        self.eigenvalues = eigenvalues
+        self.rcond = float(rcond)
+        self._hessian64 = hessian64
+        self._eigenvalues = None
+        inverse64 = self._damped_cholesky_inverse(hessian64, regularization)
+        if inverse64 is None:
+            inverse64 = self._spectral_inverse(hessian64, regularization)
         self.hessian = tf.cast(hessian64, model.dtype)
         self.inv_hessian = tf.cast(inverse64, model.dtype)
+
+    @staticmethod
+    def _damped_cholesky_inverse(hessian64: tf.Tensor, regularization: float) -> Optional[tf.Tensor]:
+        """``(H + λI)⁻¹`` by Cholesky when λ > 0 and ``H + λI`` is positive definite (3-5x faster than eigh);
+        ``None`` otherwise (no damping, or an indefinite damped matrix)."""
+        if regularization <= 0:
+            return None
+        damped = hessian64 + regularization * tf.eye(tf.shape(hessian64)[0], dtype=tf.float64)
+        try:
+            factor = tf.linalg.cholesky(damped)
+        except tf.errors.InvalidArgumentError:
+            return None
+        if not bool(tf.reduce_all(tf.math.is_finite(factor))):
+            return None
+        return tf.linalg.cholesky_solve(factor, tf.eye(tf.shape(hessian64)[0], dtype=tf.float64))
+
+    def _spectral_inverse(self, hessian64: tf.Tensor, regularization: float) -> tf.Tensor:
+        """``Q diag(f(e + λ)) Qᵀ`` with small shifted eigenvalues dropped (pseudo-inverse semantics)."""
+        eigenvalues, eigenvectors = tf.linalg.eigh(hessian64)
+        self._eigenvalues = eigenvalues
+        shifted = eigenvalues + regularization
+        cutoff = self.rcond * tf.reduce_max(tf.abs(shifted))
+        keep = tf.abs(shifted) > cutoff
+        inverse_spectrum = tf.where(keep, 1.0 / tf.where(keep, shifted, 1.0), 0.0)
+        return tf.matmul(eigenvectors * inverse_spectrum[None, :], eigenvectors, transpose_b=True)
+
+    @property
+    def eigenvalues(self) -> tf.Tensor:
+        """(P,) eigenvalues of the mean Hessian (undamped), float64, ascending (computed on first access)."""
+        if self._eigenvalues is None:
+            self._eigenvalues = tf.linalg.eigvalsh(self._hessian64)
+        return self._eigenvalues
 
     def _mean_hessian(self, dataset: tf.data.Dataset) -> tf.Tensor:
         total = tf.zeros((self.model.nb_params, self.model.nb_params), tf.float64)
