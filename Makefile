@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint bench-reference bench clean
+.PHONY: demo test lint docs bench-reference bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ $(VENV)/.installed-base: setup.py $(VENV)/bin/activate
 $(VENV)/.installed-tests: setup.py $(VENV)/bin/activate
 	$(PIP) install --quiet -e ".[tests]"
 	touch $@ $(VENV)/.installed-base
+
+$(VENV)/.installed-docs: setup.py $(VENV)/bin/activate
+	$(PIP) install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 demo: $(VENV)/.installed-base
 	$(PY) -m deel.influenciae.demo --output demo_output
@@ -36,4 +43,4 @@ bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py
 
 clean:
-	rm -rf $(VENV) demo_output build *.egg-info
+	rm -rf $(VENV) demo_output site build *.egg-info

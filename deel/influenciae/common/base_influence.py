@@ -56,7 +56,13 @@ def _check_k(k: int) -> int:
 
 
 class SelfInfluenceCalculator(ABC):
-    """Interface of the methods that score each training sample on its own (self-influence)."""
+    """Interface of the methods that score each training sample on its own (self-influence).
+
+    Each method defines a score ``s(z)`` per training sample z (for influence functions ``s(z) = I(z, z)``, for
+    boundary methods minus a distance). Sign convention: **a larger score means a more unusual sample** (more
+    self-influential, closer to the decision boundary); mislabeled samples and outliers rank first with
+    ``ORDER.DESCENDING``.
+    """
 
     @abstractmethod
     def _compute_influence_value_from_batch(self, train_samples: Tuple) -> tf.Tensor:
@@ -162,7 +168,15 @@ class SelfInfluenceCalculator(ABC):
 
 class BaseInfluenceCalculator(SelfInfluenceCalculator):
     """Base of the methods whose influence is a similarity between a test-side representation and a
-    training-side influence vector (influence functions, TracIn, representer points, Arnoldi)."""
+    training-side influence vector (influence functions, TracIn, representer points, Arnoldi).
+
+    The influence of training sample z on test sample t is ``I(t, z) = < φ(t), v(z) >`` where ``v(z)`` (D,) is
+    z's influence vector (``_compute_influence_vector``) and ``φ(t)`` (D,) the test-side representation
+    (``_preprocess_samples``); self-influence is ``I(z, z)``. Sign convention shared by every method: **a positive
+    value means z is a proponent of t** (it pushed the model towards its behaviour on t: for influence functions,
+    removing z would increase the loss on t); a negative value means z is an opponent. ``top_k`` with
+    ``ORDER.DESCENDING`` returns the strongest proponents, with ``ORDER.ASCENDING`` the strongest opponents.
+    """
 
     @abstractmethod
     def _compute_influence_vector(self, train_samples: Tuple) -> Any:

@@ -12,6 +12,10 @@ from ..utils.tf_operations import assert_batched_dataset, dataset_size
 class BaseGroupInfluenceCalculator(ABC):
     """Influence of groups of training samples, with a solver for ``(H + λI)⁻¹ v``.
 
+    The group value ``I(T, U)`` estimates how removing the training group U changes the loss on the group T
+    (U itself by default). Sign convention: **positive means removing U would increase the loss on T** (U is
+    helpful to T). H is the mean Hessian of the per-sample training loss over the hessian dataset.
+
     Parameters
     ----------
     model

@@ -73,6 +73,8 @@ class BatchSort:
     key_dtype
         Dtype of the keys; defaults to ``dtype``.
 
+    Notes
+    -----
     Until k pairs were added, the missing slots hold zero keys and -inf (descending) or +inf (ascending)
     values.
     """
