@@ -29,9 +29,12 @@ class BaseRepresenterPoint(BaseInfluenceCalculator):
 
     The model is split into a feature extractor ``z = f(x)`` (D features) and a head whose last layer is a
     bias-free Dense layer with C units producing the pre-activation logits ``Φ(z)``. A method computes one
-    coefficient per training sample and class, ``alpha`` (n, C), such that
+    coefficient per training sample and class, ``alpha`` (n, C), meant to decompose the logits as
 
-        ``Φ_c(z_t) ≈ Σ_i alpha[i, c] · <z_i, z_t>``.
+        ``Φ_c(z_t) ≈ Σ_i alpha[i, c] · <z_i, z_t>``
+
+    (exact for RPS-L2 at the surrogate's optimum — the representer theorem; only a per-sample least-squares
+    attribution for RPS-LJE, whose sum does not rebuild the logits).
 
     * influence vector of a training sample: the pair ``(alpha_i (C,), z_i (D,))`` (a tuple of (B, C), (B, D));
     * test-side representation: ``(z_t (D,), pred(t))`` with ``pred(t)`` the class the original model predicts;
