@@ -18,10 +18,12 @@ setup(
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "numpy", "matplotlib"],
     extras_require={
-        "tests": ["pytest", "scikit-learn", "scipy", "pylint"],
+        "tests": ["pytest", "scikit-learn", "scipy", "pylint", "mkdocs>=1.6,<2", "mkdocs-material>=9.5",
+                  "mkdocstrings[python]>=1.0", "nbclient", "nbformat", "ipykernel"],
         "demo": ["scikit-learn"],
-        "docs": ["mkdocs", "mkdocs-material", "mkdocstrings[python]"],
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
     },
+    entry_points={"console_scripts": ["influenciae-benchmark = deel.influenciae.benchmark.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",

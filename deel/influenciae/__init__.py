@@ -3,11 +3,11 @@
 Sub-packages: ``common`` (influence models, inverse-Hessian-vector products, base calculators),
 ``influence`` (influence functions: first order, second order, Arnoldi), ``trac_in`` (TracIn), ``rps``
 (representer points), ``boundary_based`` (distance to the decision boundary; also ``boundary``), ``plots``
-(image grids and benchmark curves), ``utils`` (helpers).
+(image grids and benchmark curves), ``utils`` (helpers), ``benchmark`` (mislabeled-sample detection).
 """
-from . import boundary, boundary_based, common, influence, plots, rps, trac_in, utils
+from . import benchmark, boundary, boundary_based, common, influence, plots, rps, trac_in, utils
 from .utils.sorted_dict import ORDER
 from .version import __version__
 
-__all__ = ["boundary", "boundary_based", "common", "influence", "plots", "rps", "trac_in", "utils", "ORDER",
-           "__version__"]
+__all__ = ["benchmark", "boundary", "boundary_based", "common", "influence", "plots", "rps", "trac_in", "utils",
+           "ORDER", "__version__"]

@@ -16,6 +16,10 @@ Run it with ``python -m deel.influenciae.demo --output demo_output`` (``make dem
    (the proponents: removing them would increase the test loss the most).
 
 It writes ``most_self_influential.png``, ``explanations.png`` and ``report.json`` to the output folder.
+
+Before that walk-through, ``make demo`` runs the mislabeled-sample detection benchmark of every method of the
+library on the same data (``deel.influenciae.benchmark``, 10 % flipped labels, 2 evaluations each) and writes its
+table, curves and results under ``{output}/benchmark``.
 """
 import argparse
 import json
@@ -385,17 +389,53 @@ def run(output: str, seed: int = 0, noise: float = 0.05) -> Dict[str, Any]:
     return report
 
 
+DEMO_BENCHMARK_METHODS = ("first_order", "tracin", "rps_l2", "rps_lje", "arnoldi", "boundary_sample",
+                          "boundary_weights", "loss_ranking")
+
+
+def run_benchmark(output: str, seed: int, evaluations: int, methods: Sequence[str]) -> int:
+    """Part 1: the mislabeled-sample detection benchmark over every method (10 % noise on digits).
+
+    Delegates to the benchmark command line; writes ``results.json``, ``results.csv``, ``curves.png`` and one
+    ``.npz`` per method under ``{output}/benchmark``.
+    """
+    # Imported here: the benchmark package is only needed by this part of the demo.
+    from .benchmark import cli  # pylint: disable=import-outside-toplevel
+
+    return cli.main(["--dataset", "digits", "--methods", ",".join(methods), "--nbr-of-evaluation", str(evaluations),
+                     "--seed", str(seed), "--mislabeling-ratio", "0.1",
+                     "--path-to-save", os.path.join(output, "benchmark")])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line entry point: ``python -m deel.influenciae.demo [--output DIR] [--seed N] [--noise F]``."""
+    """Command line entry point of ``make demo``.
+
+    ``python -m deel.influenciae.demo [--output DIR] [--seed N] [--noise F] [--evaluations E] [--methods LIST]
+    [--skip-benchmark]``: part 1 runs the mislabeled-sample detection benchmark over every method (E evaluations,
+    10 % noise); part 2 is the first-order walk-through above (flipped-label detection with ``--noise``, then
+    data-centric explanations of test images).
+    """
     parser = argparse.ArgumentParser(prog="python -m deel.influenciae.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="demo_output", help="folder for the figures and report.json")
+    parser.add_argument("--output", default="demo_output", help="folder for the figures and reports")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--noise", type=float, default=0.05, help="share of training labels to flip (default 0.05)")
+    parser.add_argument("--noise", type=float, default=0.05,
+                        help="share of training labels to flip in the walk-through (default 0.05)")
+    parser.add_argument("--evaluations", type=int, default=2, help="benchmark evaluations per method (default 2)")
+    parser.add_argument("--methods", default=",".join(DEMO_BENCHMARK_METHODS),
+                        help="comma-separated benchmark methods (default: all)")
+    parser.add_argument("--skip-benchmark", action="store_true", help="only run the first-order walk-through")
     args = parser.parse_args(argv)
     if not 0.0 < args.noise < 1.0:
         parser.error(f"--noise must be in (0, 1), got {args.noise}")
+    if args.evaluations < 1:
+        parser.error(f"--evaluations must be >= 1, got {args.evaluations}")
+    status = 0
+    if not args.skip_benchmark:
+        print("== Part 1: mislabeled-sample detection benchmark, every method (digits, 10 % flipped labels) ==")
+        status = run_benchmark(args.output, args.seed, args.evaluations, args.methods.split(","))
+        print("\n== Part 2: first-order walk-through: flipped labels and data-centric explanations ==")
     print_report(run(args.output, seed=args.seed, noise=args.noise))
-    return 0
+    return status
 
 
 if __name__ == "__main__":
