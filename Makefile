@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint docs bench-reference bench clean
+.PHONY: demo test lint docs bench-reference bench-peers bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench: $(VENV)/.installed-tests
 
 bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py
+
+bench-peers: $(VENV)/.installed-tests
+	$(PY) benchmarks/bench_peers.py
 
 clean:
 	rm -rf $(VENV) demo_output site build *.egg-info

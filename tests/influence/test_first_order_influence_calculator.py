@@ -224,3 +224,10 @@ def test_cg_calculator_matches_exact_values(setup):
     calculator = FirstOrderInfluenceCalculator(
         model, train, ConjugateGradientDescentIHVP(model, -1, train, tol=1e-8, atol=0.0))
     _close(calculator.estimate_influence_values_matrix(setup["test"], train), setup["pairwise"], 1e-3)
+
+
+def test_matrix_solves_on_the_smaller_side_with_the_same_values(setup):
+    calculator = setup["calculator"]
+    # 25 samples to evaluate against 12 training samples: the solver is applied to the training side.
+    _close(calculator.estimate_influence_values_matrix(setup["train"], setup["test"]), setup["pairwise"].T)
+    _close(calculator.estimate_influence_values_matrix(setup["test"], setup["train"]), setup["pairwise"])

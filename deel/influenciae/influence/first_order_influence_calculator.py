@@ -73,6 +73,32 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         gradients, vectors = self._gradients_and_vectors(train_samples)
         return tf.reduce_sum(gradients * vectors, axis=1, keepdims=True)
 
+    def estimate_influence_values_matrix(self, dataset_to_evaluate: tf.data.Dataset,
+                                         train_set: tf.data.Dataset) -> tf.Tensor:
+        """All pairwise values ``g(t)ᵀ (H + λI)⁻¹ g(z)`` as one matrix (N_test, N_train).
+
+        H is symmetric, so the solver is applied to whichever side has fewer samples (the test side when
+        ``N_test < N_train``, which is what iterative solvers such as CG need to be fast). With RelatIF
+        (``normalize=True``) the training-side vectors are needed for their norms, so the training side is used.
+
+        Raises
+        ------
+        ValueError
+            If a value is not finite.
+        """
+        if self.normalize:
+            return super().estimate_influence_values_matrix(dataset_to_evaluate, train_set)
+        test_gradients = self.model.batch_jacobian(dataset_to_evaluate)
+        train_gradients = self.model.batch_jacobian(train_set)
+        if test_gradients.shape[0] > train_gradients.shape[0]:
+            solved_train = tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(train_gradients)))
+            values = tf.matmul(test_gradients, tf.cast(solved_train, test_gradients.dtype), transpose_b=True)
+        else:
+            solved_test = self.ihvp_calculator.apply_inverse(tf.transpose(test_gradients))  # (P, N_test)
+            values = tf.transpose(tf.matmul(train_gradients, tf.cast(solved_test, train_gradients.dtype)))
+        assert_finite(values, "influence values")
+        return values
+
     # Groups -------------------------------------------------------------------------------------
     def _group_gradient(self, group: tf.data.Dataset) -> tf.Tensor:
         """Σ g(z) over a group: (P,)."""
