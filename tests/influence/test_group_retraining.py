@@ -15,38 +15,15 @@ where ``g_val = Σ_{t∈val} g(t)``.
 import keras
 import numpy as np
 import tensorflow as tf
-from scipy.optimize import minimize
 from scipy.stats import pearsonr
 from sklearn.datasets import load_wine
 
 from deel.influenciae.common import InfluenceModel
 from deel.influenciae.influence import FirstOrderInfluenceCalculator, SecondOrderInfluenceCalculator
+from tests.convex_models import fit_softmax_regression, softmax_losses_and_residuals
 
 LAMBDA = 0.01
 N_CLASSES = 3
-
-
-def _losses(theta, x, y_onehot):
-    """Per-sample cross-entropies (n,) and softmax residuals p − y (n, C)."""
-    features = x.shape[1]
-    logits = x @ theta[:features * N_CLASSES].reshape(features, N_CLASSES) + theta[features * N_CLASSES:]
-    logits = logits - logits.max(axis=1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    return -(y_onehot * log_probs).sum(axis=1), np.exp(log_probs) - y_onehot
-
-
-def _fit(x, y_onehot, keep, theta0):
-    """argmin 1/n Σ_i keep_i CE_i + λ/2 ||θ||² with n = len(x) (keep_i = 0 removes sample i)."""
-    n = len(x)
-
-    def objective(theta):
-        losses, residuals = _losses(theta, x, y_onehot)
-        residuals = residuals * keep[:, None]
-        gradient = np.concatenate([(x.T @ residuals).ravel(), residuals.sum(axis=0)]) / n + LAMBDA * theta
-        return keep @ losses / n + 0.5 * LAMBDA * theta @ theta, gradient
-
-    return minimize(objective, theta0, jac=True, method="L-BFGS-B",
-                    options={"maxiter": 20000, "gtol": 1e-12, "ftol": 1e-15}).x
 
 
 def _groups(y_train, rng):
@@ -70,7 +47,7 @@ def test_group_influence_predicts_group_retraining():
     y = np.eye(N_CLASSES)[data.target[order]]
     x_train, y_train, x_val, y_val = x[:130], y[:130], x[130:], y[130:]
     n, features = x_train.shape
-    theta_star = _fit(x_train, y_train, np.ones(n), np.zeros(features * N_CLASSES + N_CLASSES))
+    theta_star = fit_softmax_regression(x_train, y_train, np.ones(n), np.zeros(features * N_CLASSES + N_CLASSES), LAMBDA)
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((features,), dtype="float64"),
@@ -85,7 +62,7 @@ def test_group_influence_predicts_group_retraining():
     second = SecondOrderInfluenceCalculator(influence_model, train, "exact", regularization=LAMBDA)
     val_gradient = influence_model.batch_gradient(validation).numpy().sum(axis=0)  # Σ_val g(t), (P,)
 
-    base_loss = _losses(theta_star, x_val, y_val)[0].sum()
+    base_loss = softmax_losses_and_residuals(theta_star, x_val, y_val)[0].sum()
     actual, predicted_first, predicted_second = [], [], []
     for group in _groups(y_train, rng):
         group_ds = tf.data.Dataset.from_tensor_slices((x_train[group], y_train[group])).batch(16)
@@ -93,7 +70,7 @@ def test_group_influence_predicts_group_retraining():
         predicted_second.append(val_gradient @ second.compute_influence_vector_group(group_ds).numpy()[0])
         keep = np.ones(n)
         keep[group] = 0.0
-        actual.append(_losses(_fit(x_train, y_train, keep, theta_star), x_val, y_val)[0].sum() - base_loss)
+        actual.append(softmax_losses_and_residuals(fit_softmax_regression(x_train, y_train, keep, theta_star, LAMBDA), x_val, y_val)[0].sum() - base_loss)
     actual = np.array(actual)
     pearson_first = pearsonr(predicted_first, actual).statistic
     pearson_second = pearsonr(predicted_second, actual).statistic

@@ -8,39 +8,14 @@ what ``FirstOrderInfluenceCalculator(..., regularization=λ)`` computes.
 import keras
 import numpy as np
 import tensorflow as tf
-from scipy.optimize import minimize
 from scipy.stats import pearsonr
 from sklearn.datasets import load_wine
 
 from deel.influenciae.common import InfluenceModel
 from deel.influenciae.influence import FirstOrderInfluenceCalculator
+from tests.convex_models import fit_softmax_regression, softmax_losses_and_residuals
 
 LAMBDA = 0.01
-
-
-def _losses_and_residuals(theta, x, y_onehot):
-    """Per-sample cross-entropies (n,) and softmax residuals p - y (n, C) of a softmax regression."""
-    features, classes = x.shape[1], y_onehot.shape[1]
-    kernel, bias = theta[:features * classes].reshape(features, classes), theta[features * classes:]
-    logits = x @ kernel + bias
-    logits = logits - logits.max(axis=1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    return -(y_onehot * log_probs).sum(axis=1), np.exp(log_probs) - y_onehot
-
-
-def _fit(x, y_onehot, weights, theta0):
-    """Minimise 1/n Σ_i w_i CE_i + λ/2 ||θ||² (n = len(x); w_i = 0 removes sample i)."""
-    n = len(x)
-
-    def objective(theta):
-        losses, residuals = _losses_and_residuals(theta, x, y_onehot)
-        residuals = residuals * weights[:, None]
-        gradient = np.concatenate([(x.T @ residuals).ravel(), residuals.sum(axis=0)])
-        return (weights @ losses) / n + 0.5 * LAMBDA * theta @ theta, gradient / n + LAMBDA * theta
-
-    result = minimize(objective, theta0, jac=True, method="L-BFGS-B",
-                      options={"maxiter": 20000, "gtol": 1e-12, "ftol": 1e-15})
-    return result.x
 
 
 def test_first_order_influence_predicts_leave_one_out_retraining():
@@ -52,7 +27,7 @@ def test_first_order_influence_predicts_leave_one_out_retraining():
     y = np.eye(3)[data.target[order]]
     x_train, y_train, x_test, y_test = x[:130], y[:130], x[130:], y[130:]
     n, features = x_train.shape
-    theta_star = _fit(x_train, y_train, np.ones(n), np.zeros(features * 3 + 3))
+    theta_star = fit_softmax_regression(x_train, y_train, np.ones(n), np.zeros(features * 3 + 3), LAMBDA)
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((features,), dtype="float64"), keras.layers.Dense(3, dtype="float64")])
@@ -65,13 +40,13 @@ def test_first_order_influence_predicts_leave_one_out_retraining():
     predicted = calculator.estimate_influence_values_matrix(test, train).numpy().sum(axis=0) / n  # (n,)
 
     removed = np.argsort(-np.abs(predicted))[:40]  # the 40 most influential points, as in Koh & Liang (2017)
-    base_test_loss = _losses_and_residuals(theta_star, x_test, y_test)[0].sum()
+    base_test_loss = softmax_losses_and_residuals(theta_star, x_test, y_test)[0].sum()
     actual = []
     for index in removed:
         weights = np.ones(n)
         weights[index] = 0.0
-        theta = _fit(x_train, y_train, weights, theta_star)
-        actual.append(_losses_and_residuals(theta, x_test, y_test)[0].sum() - base_test_loss)
+        theta = fit_softmax_regression(x_train, y_train, weights, theta_star, LAMBDA)
+        actual.append(softmax_losses_and_residuals(theta, x_test, y_test)[0].sum() - base_test_loss)
     correlation = pearsonr(predicted[removed], np.array(actual)).statistic
     print(f"leave-one-out Pearson over {len(removed)} removals: {correlation:.4f}")
     assert correlation >= 0.9, correlation

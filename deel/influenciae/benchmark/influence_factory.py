@@ -102,7 +102,22 @@ class InfluenceCalculatorFactory(ABC):
         """
 
 
-class FirstOrderFactory(InfluenceCalculatorFactory):
+class _InfluenceFunctionFactory(InfluenceCalculatorFactory, ABC):
+    """Settings shared by the factories that build an influence-function solver (first order, RPS-LJE)."""
+
+    def __init__(self, ihvp_mode: str, start_layer: Union[int, str], dataset_hessian_size: int, n_opt_iters: int,
+                 feature_extractor: Union[int, str], loss_function: Optional[Callable], regularization: float):
+        self.ihvp_mode = _check_ihvp_mode(ihvp_mode)
+        self.start_layer = start_layer
+        self.dataset_hessian_size = int(dataset_hessian_size)
+        self.n_opt_iters = int(n_opt_iters)
+        self.feature_extractor = feature_extractor
+        self.loss_function = default_loss() if loss_function is None else loss_function
+        check_unreduced_loss(self.loss_function)
+        self.regularization = float(regularization)
+
+
+class FirstOrderFactory(_InfluenceFunctionFactory):
     """:class:`~deel.influenciae.influence.FirstOrderInfluenceCalculator` (self-influence ``g(z)ᵀ H⁻¹ g(z)``).
 
     Parameters
@@ -129,14 +144,8 @@ class FirstOrderFactory(InfluenceCalculatorFactory):
     def __init__(self, ihvp_mode: str = "exact", start_layer: Union[int, str] = -1, dataset_hessian_size: int = -1,
                  n_opt_iters: int = 100, feature_extractor: Union[int, str] = -1,
                  loss_function: Optional[Callable] = None, regularization: float = 0.0, normalize: bool = False):
-        self.ihvp_mode = _check_ihvp_mode(ihvp_mode)
-        self.start_layer = start_layer
-        self.dataset_hessian_size = int(dataset_hessian_size)
-        self.n_opt_iters = int(n_opt_iters)
-        self.feature_extractor = feature_extractor
-        self.loss_function = default_loss() if loss_function is None else loss_function
-        check_unreduced_loss(self.loss_function)
-        self.regularization = float(regularization)
+        super().__init__(ihvp_mode, start_layer, dataset_hessian_size, n_opt_iters, feature_extractor, loss_function,
+                         regularization)
         self.normalize = bool(normalize)
 
     def build(self, training_dataset: tf.data.Dataset, model: keras.Model, train_info: Any
@@ -260,7 +269,7 @@ class RPSL2Factory(InfluenceCalculatorFactory):
                                   self.epochs, self.layer_index, surrogate_target=self.surrogate_target)
 
 
-class RPSLJEFactory(InfluenceCalculatorFactory):
+class RPSLJEFactory(_InfluenceFunctionFactory):
     """:class:`~deel.influenciae.rps.RepresenterPointLJE` (the model's last layer must be a bias-free Dense).
 
     Parameters
@@ -276,14 +285,8 @@ class RPSLJEFactory(InfluenceCalculatorFactory):
     def __init__(self, ihvp_mode: str = "exact", start_layer: Union[int, str] = -1, dataset_hessian_size: int = -1,
                  n_opt_iters: int = 100, feature_extractor: Union[int, str] = -1,
                  loss_function: Optional[Callable] = None, regularization: float = 0.0):
-        self.ihvp_mode = _check_ihvp_mode(ihvp_mode)
-        self.start_layer = start_layer
-        self.dataset_hessian_size = int(dataset_hessian_size)
-        self.n_opt_iters = int(n_opt_iters)
-        self.feature_extractor = feature_extractor
-        self.loss_function = default_loss() if loss_function is None else loss_function
-        check_unreduced_loss(self.loss_function)
-        self.regularization = float(regularization)
+        super().__init__(ihvp_mode, start_layer, dataset_hessian_size, n_opt_iters, feature_extractor, loss_function,
+                         regularization)
 
     def _ihvp_factory(self) -> InverseHessianVectorProductFactory:
         if self.ihvp_mode == "exact":
