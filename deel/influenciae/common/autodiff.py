@@ -13,6 +13,7 @@ with ``model.stateless_call`` so that θ can be differentiated freely, and expos
 θ is read from the variables on every call, so the kernels always see the current weights.
 """
 import inspect
+import logging
 import warnings
 from typing import Any, Callable, List, Sequence, Tuple
 
@@ -28,6 +29,22 @@ def _accepts_training(model: keras.Model) -> bool:
     except (TypeError, ValueError):
         return True
     return any(p.name == "training" or p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+class _OwnKernelRetracingFilter(logging.Filter):
+    """Drop TensorFlow's "excessive retracing" warning when it is about these kernels.
+
+    Every ``LossKernels`` (one per model, checkpoint or head) compiles its own kernels by design, and a short last
+    batch adds one trace each; TensorFlow's heuristic counts the traces of all instances together and warns,
+    although nothing is retraced needlessly. Warnings about any other function pass through unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message and "LossKernels." in message)
+
+
+tf.get_logger().addFilter(_OwnKernelRetracingFilter())
 
 
 class LossKernels:
