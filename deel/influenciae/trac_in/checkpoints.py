@@ -5,6 +5,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 _INDEX_FILE = "checkpoints.json"
 
@@ -16,7 +17,9 @@ def _current_learning_rate(optimizer: Any) -> float:
         raise ValueError(f"Cannot read a learning rate from the optimizer {type(optimizer).__name__}.")
     if callable(rate) and not hasattr(rate, "numpy"):  # an un-evaluated schedule
         rate = rate(optimizer.iterations)
-    return float(np.asarray(keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(rate)), dtype=np.float64))
+    # Through a TF tensor: keras.ops.convert_to_numpy on a Keras variable warns under numpy 2 (copy keyword).
+    value = rate.value if isinstance(rate, keras.Variable) else rate
+    return float(tf.cast(tf.convert_to_tensor(value), tf.float64).numpy())
 
 
 def _copy_model(model: keras.Model) -> keras.Model:
