@@ -4,7 +4,6 @@ import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 _INDEX_FILE = "checkpoints.json"
