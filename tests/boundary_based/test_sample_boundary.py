@@ -7,6 +7,7 @@ import tensorflow as tf
 from deel.influenciae import boundary
 from deel.influenciae.boundary_based import SampleBoundaryCalculator
 from deel.influenciae.utils import ORDER
+from tests.assertions import assert_top_k_from_training_dataset
 
 
 def spec_model() -> keras.Model:
@@ -110,12 +111,7 @@ def test_top_k_from_training_dataset(order):
     x = np.random.default_rng(8).normal(size=(11, 3)).astype(np.float32)
     calculator = SampleBoundaryCalculator(model)
     values = values_of(calculator, x, 4)[:, 0]
-    samples, top_values, indices = calculator.compute_top_k_from_training_dataset(dataset(x, 4), 4, order,
-                                                                                  return_indices=True)
-    expected = np.argsort(-values if order == ORDER.DESCENDING else values, kind="stable")[:4]
-    np.testing.assert_array_equal(indices.numpy(), expected)
-    np.testing.assert_allclose(top_values.numpy(), values[expected], rtol=1e-6)
-    np.testing.assert_array_equal(samples.numpy(), x[expected])
+    assert_top_k_from_training_dataset(calculator, dataset(x, 4), x, values, 4, order)
 
 
 def test_bad_arguments():

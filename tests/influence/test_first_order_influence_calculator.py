@@ -9,6 +9,7 @@ from deel.influenciae.common import (CACHE, ConjugateGradientDescentIHVP, ExactI
                                      LissaIHVP)
 from deel.influenciae.influence import FirstOrderInfluenceCalculator
 from deel.influenciae.utils import ORDER
+from tests.assertions import assert_close_to_max as _close
 from tests.toy_models import (toy_data, toy_dataset, toy_gradients_last_layer, toy_mean_hessian_last_layer,
                               toy_model, toy_mse)
 
@@ -28,12 +29,6 @@ def fixture_setup():
             "calculator": FirstOrderInfluenceCalculator(model, train, ExactIHVP(model, train)),
             "vectors": g_train @ hessian_inverse, "pairwise": g_test @ hessian_inverse @ g_train.T,
             "self": np.einsum("ip,pq,iq->i", g_train, hessian_inverse, g_train)}
-
-
-def _close(actual, expected, tolerance=1e-4):
-    actual = np.asarray(actual, np.float64)
-    assert actual.shape == np.shape(expected)
-    assert np.abs(actual - expected).max() <= tolerance * np.abs(expected).max()
 
 
 def test_influence_vectors_and_values(setup):

@@ -12,15 +12,12 @@ compared with
 
 where ``g_val = Σ_{t∈val} g(t)``.
 """
-import keras
 import numpy as np
 import tensorflow as tf
 from scipy.stats import pearsonr
-from sklearn.datasets import load_wine
 
-from deel.influenciae.common import InfluenceModel
 from deel.influenciae.influence import FirstOrderInfluenceCalculator, SecondOrderInfluenceCalculator
-from tests.convex_models import fit_softmax_regression, softmax_losses_and_residuals
+from tests.convex_models import fit_softmax_regression, softmax_losses_and_residuals, wine_softmax_problem
 
 LAMBDA = 0.01
 N_CLASSES = 3
@@ -39,38 +36,26 @@ def _groups(y_train, rng):
 
 
 def test_group_influence_predicts_group_retraining():
-    data = load_wine()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(data.target))
-    x = data.data[order]
-    x = (x - x.mean(axis=0)) / x.std(axis=0)
-    y = np.eye(N_CLASSES)[data.target[order]]
-    x_train, y_train, x_val, y_val = x[:130], y[:130], x[130:], y[130:]
-    n, features = x_train.shape
-    theta_star = fit_softmax_regression(x_train, y_train, np.ones(n), np.zeros(features * N_CLASSES + N_CLASSES), LAMBDA)
-
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((features,), dtype="float64"),
-                              keras.layers.Dense(N_CLASSES, dtype="float64")])
-    model.layers[0].set_weights([theta_star[:features * N_CLASSES].reshape(features, N_CLASSES),
-                                 theta_star[features * N_CLASSES:]])
-    loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
-    influence_model = InfluenceModel(model, start_layer=0, loss_function=loss)
-    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(32)
-    validation = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(16)
+    problem = wine_softmax_problem(LAMBDA)
+    x_train, y_train, x_val, y_val = problem.x_train, problem.y_train, problem.x_held, problem.y_held
+    n, theta_star, influence_model = len(x_train), problem.theta_star, problem.influence_model
+    train, validation = problem.train, problem.held
     first = FirstOrderInfluenceCalculator(influence_model, train, "exact", regularization=LAMBDA)
     second = SecondOrderInfluenceCalculator(influence_model, train, "exact", regularization=LAMBDA)
     val_gradient = influence_model.batch_gradient(validation).numpy().sum(axis=0)  # Σ_val g(t), (P,)
 
     base_loss = softmax_losses_and_residuals(theta_star, x_val, y_val)[0].sum()
     actual, predicted_first, predicted_second = [], [], []
+    rng = np.random.default_rng(0)
+    rng.permutation(len(x_train) + len(x_val))  # the draws wine_softmax_problem(seed=0) made for its split
     for group in _groups(y_train, rng):
         group_ds = tf.data.Dataset.from_tensor_slices((x_train[group], y_train[group])).batch(16)
         predicted_first.append(val_gradient @ first.compute_influence_vector_group(group_ds).numpy()[0] / n)
         predicted_second.append(val_gradient @ second.compute_influence_vector_group(group_ds).numpy()[0])
         keep = np.ones(n)
         keep[group] = 0.0
-        actual.append(softmax_losses_and_residuals(fit_softmax_regression(x_train, y_train, keep, theta_star, LAMBDA), x_val, y_val)[0].sum() - base_loss)
+        theta = fit_softmax_regression(x_train, y_train, keep, theta_star, LAMBDA)
+        actual.append(softmax_losses_and_residuals(theta, x_val, y_val)[0].sum() - base_loss)
     actual = np.array(actual)
     pearson_first = pearsonr(predicted_first, actual).statistic
     pearson_second = pearsonr(predicted_second, actual).statistic

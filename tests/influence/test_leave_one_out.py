@@ -5,37 +5,20 @@ Softmax regression on scikit-learn's bundled wine data, trained to its optimum w
 the total test loss by ``≈ 1/n Σ_t g(t)ᵀ (H + λI)⁻¹ g(z) = 1/n Σ_t I(t, z)``, with H the mean Hessian of CE: exactly
 what ``FirstOrderInfluenceCalculator(..., regularization=λ)`` computes.
 """
-import keras
 import numpy as np
-import tensorflow as tf
 from scipy.stats import pearsonr
-from sklearn.datasets import load_wine
 
-from deel.influenciae.common import InfluenceModel
 from deel.influenciae.influence import FirstOrderInfluenceCalculator
-from tests.convex_models import fit_softmax_regression, softmax_losses_and_residuals
+from tests.convex_models import fit_softmax_regression, softmax_losses_and_residuals, wine_softmax_problem
 
 LAMBDA = 0.01
 
 
 def test_first_order_influence_predicts_leave_one_out_retraining():
-    data = load_wine()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(data.target))
-    x = data.data[order]
-    x = (x - x.mean(axis=0)) / x.std(axis=0)
-    y = np.eye(3)[data.target[order]]
-    x_train, y_train, x_test, y_test = x[:130], y[:130], x[130:], y[130:]
-    n, features = x_train.shape
-    theta_star = fit_softmax_regression(x_train, y_train, np.ones(n), np.zeros(features * 3 + 3), LAMBDA)
-
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((features,), dtype="float64"), keras.layers.Dense(3, dtype="float64")])
-    model.layers[0].set_weights([theta_star[:features * 3].reshape(features, 3), theta_star[features * 3:]])
-    loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
-    influence_model = InfluenceModel(model, start_layer=0, loss_function=loss)
-    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(32)
-    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(16)
+    problem = wine_softmax_problem(LAMBDA)
+    x_train, y_train, x_test, y_test = problem.x_train, problem.y_train, problem.x_held, problem.y_held
+    n, theta_star, influence_model = len(x_train), problem.theta_star, problem.influence_model
+    train, test = problem.train, problem.held
     calculator = FirstOrderInfluenceCalculator(influence_model, train, "exact", regularization=LAMBDA)
     predicted = calculator.estimate_influence_values_matrix(test, train).numpy().sum(axis=0) / n  # (n,)
 

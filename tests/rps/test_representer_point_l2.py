@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from deel.influenciae.rps import RepresenterPointL2
 from deel.influenciae.utils import ORDER
+from tests.assertions import assert_close_to_max as _close
 
 LAMBDA = 1e-3
 CCE64 = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
@@ -57,12 +58,6 @@ def fixture_setup():
     alpha = (t_train - z_train @ ridge) / (LAMBDA * n)  # -1/(2λn) · 2(Φ - T)
     return {"model": model, "before": before, "rps": rps, "train": train, "test": test, "ridge": ridge,
             "alpha": alpha, "z_train": z_train, "t_train": t_train, "z_test": z_test, "t_test": t_test}
-
-
-def _close(actual, expected, rtol):
-    actual = np.asarray(actual, np.float64)
-    assert actual.shape == np.shape(expected)
-    assert np.abs(actual - expected).max() <= rtol * np.abs(expected).max(), np.abs(actual - expected).max()
 
 
 def test_surrogate_is_the_l2_stationary_point_and_fits_the_logits(setup):

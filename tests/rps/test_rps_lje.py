@@ -8,6 +8,7 @@ from deel.influenciae.common import CGDIHVPFactory, ExactIHVPFactory, InfluenceM
 from deel.influenciae.rps import RepresenterPointLJE
 from deel.influenciae.utils import ORDER
 from tests.rps.test_representer_point_l2 import batched, classifier, data, features_and_logits
+from tests.assertions import assert_close_to_max as _close
 
 ETA = 1e-4
 
@@ -68,12 +69,6 @@ def fixture_multiclass():
     setup["rps"] = RepresenterPointLJE(setup["influence_model"], setup["train"], ExactIHVPFactory())
     setup["before"] = before
     return setup
-
-
-def _close(actual, expected, rtol):
-    actual = np.asarray(actual, np.float64)
-    assert actual.shape == np.shape(expected)
-    assert np.abs(actual - expected).max() <= rtol * np.abs(expected).max(), np.abs(actual - expected).max()
 
 
 def test_alpha_matches_the_numpy_derivation(multiclass):

@@ -6,6 +6,7 @@ import pytest
 from deel.influenciae.common import InfluenceModel
 from deel.influenciae.trac_in import ModelsSaver, TracIn
 from deel.influenciae.utils import ORDER
+from tests.assertions import assert_close_to_max
 from tests.toy_models import (toy_data, toy_dataset, toy_gradients_all_layers, toy_gradients_last_layer, toy_model,
                               toy_mse)
 
@@ -39,9 +40,7 @@ def fixture_setup():
 
 
 def _close(actual, expected, tolerance=1e-5):
-    actual = np.asarray(actual, np.float64)
-    assert actual.shape == np.shape(expected)
-    assert np.abs(actual - expected).max() <= tolerance * max(np.abs(expected).max(), 1e-12)
+    assert_close_to_max(actual, expected, tolerance)
 
 
 def test_influence_vectors_are_scaled_gradients(setup):
