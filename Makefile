@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint docs bench-reference bench-peers bench clean
+.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,18 @@ test: $(VENV)/.installed-tests
 lint: $(VENV)/.installed-tests
 	$(PY) -m pylint --rcfile=.pylintrc deel/influenciae
 
+# Side by side with pyDVL and Captum (own venv, created on first use) and with Influenciae 0.3 (own venv):
+# prints the tables and writes benchmarks/results/ (peers.md is the README's performance table).
 bench: $(VENV)/.installed-tests
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/bench_peers.py --rounds 3 --json benchmarks/results/peers.json --markdown benchmarks/results/peers.md
+	$(PY) benchmarks/compare_reference.py --json benchmarks/results/reference.json
+
+bench-first-order: $(VENV)/.installed-tests
 	$(PY) benchmarks/bench_first_order.py
+
+bench-scaling: $(VENV)/.installed-tests
+	$(PY) benchmarks/bench_scaling.py
 
 bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py

@@ -229,6 +229,28 @@ def report_agreement(results: Results, summary: Dict[str, list]) -> None:
                 summary["residuals"].append({"task": task, "side": side_name, "median": med, "max": worst})
 
 
+def markdown_table(summary: Dict[str, list]) -> str:
+    """The short performance table of the README: per task and peer, the median totals (seconds), the our/peer
+    time ratios of the pairwise matrix, the self-influence and the total, the Pearson correlation of our values with
+    the peer's and, for the approximate solvers, of each side's pairwise values with our exact ones."""
+    timing = {(row["task"], row["peer"], row["phase"]): row for row in summary["timings"]}
+    pearson = {(row["task"], row["comparison"], row["values"]): row["pearson"] for row in summary["agreement"]}
+    lines = ["| task | peer | ours total (s) | peer total (s) | ours/peer time: pair / self / total | "
+             "Pearson ours vs peer: pair / self | Pearson pair vs exact: ours / peer |",
+             "|:--|:--|--:|--:|:--:|:--:|:--:|"]
+    for (task, peer, phase), row in timing.items():
+        if phase != "total":
+            continue
+        ratios = " / ".join(f"{timing[(task, peer, name)]['ratio']:.2f}" for name in ("pair", "self", "total"))
+        agree = " / ".join(f"{pearson.get((task, f'ours vs {peer}', values), float('nan')):.6f}"
+                           for values in ("pair", "self"))
+        versus_exact = " / ".join(f"{pearson[(task, f'{side} vs ours exact', 'pair')]:.6f}" for side in ("ours", peer)) \
+            if (task, "ours vs ours exact", "pair") in pearson else "-"
+        lines.append(f"| {task} | {peer} | {row['ours_median']:.3f} | {row['peer_median']:.3f} | {ratios} | {agree} | "
+                     f"{versus_exact} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(results: Results) -> Dict[str, list]:
     """Print the timing, memory, agreement and residual tables; return them as a JSON-able dict."""
     summary: Dict[str, list] = {"timings": [], "memory": [], "agreement": [], "residuals": []}
@@ -256,6 +278,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--workdir", type=Path, help="keep the problem and result files here")
     parser.add_argument("--json", type=Path, help="also write the tables as JSON")
+    parser.add_argument("--markdown", type=Path, help="also write the README's short table (Markdown) here")
     args = parser.parse_args()
     args.max_rss_mib = args.max_rss_gb * 1024.0
     setup_peers(force=args.force_setup)
@@ -289,6 +312,10 @@ def main() -> int:
         summary = report(results)
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1, default=float))
+    table = markdown_table(summary)
+    print("\n" + table)
+    if args.markdown is not None:
+        args.markdown.write_text(table)
     return 0
 
 

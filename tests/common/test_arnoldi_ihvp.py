@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from deel.influenciae.common import ArnoldiIHVP, ArnoldiIHVPFactory, ExactIHVP, InfluenceModel
-from deel.influenciae.common.arnoldi_ihvp import arnoldi_iteration, distill
+from deel.influenciae.common.arnoldi_ihvp import arnoldi_iteration, compiled_arnoldi_iteration, distill
 from deel.influenciae.influence import FirstOrderInfluenceCalculator, SecondOrderInfluenceCalculator
 
 N_SAMPLES, N_FEATURES = 100, 10
@@ -163,3 +163,24 @@ def test_arnoldi_factory_in_rps_lje():
     assert isinstance(arnoldi.ihvp_calculator, ArnoldiIHVP)
     values = arnoldi.estimate_influence_values_matrix(test, train).numpy()
     assert np.abs(values - exact.numpy()).max() < 1e-6 * np.abs(exact.numpy()).max()
+
+
+def test_compiled_iteration_matches_the_python_loop_and_reports_breakdowns():
+    rng = np.random.default_rng(3)
+    general = rng.normal(size=(9, 9))
+    start = rng.normal(size=9)
+    operator = tf.constant(general)
+    compiled = compiled_arnoldi_iteration(lambda v: tf.matmul(operator, v), start, 7, dtype=tf.float64)
+    assert compiled is not None
+    basis, projected, restarts = arnoldi_iteration(lambda v: general @ v, start, 7, rng)
+    assert restarts == 0
+    np.testing.assert_allclose(compiled[0], basis, atol=1e-12)
+    np.testing.assert_allclose(compiled[1], projected, atol=1e-12)
+    np.testing.assert_allclose(compiled[1], compiled[0] @ general @ compiled[0].T, atol=1e-10)
+    # span{e_0} is invariant under a diagonal operator: breakdown after one step, left to the Python loop.
+    diagonal = tf.constant(np.diag(np.arange(1.0, 6.0)))
+    assert compiled_arnoldi_iteration(lambda v: tf.matmul(diagonal, v), np.eye(5)[0], 3, dtype=tf.float64) is None
+    # A breakdown at the very last step is no breakdown: the basis is complete.
+    full = compiled_arnoldi_iteration(lambda v: tf.matmul(diagonal, v), np.eye(5)[0], 1, dtype=tf.float64)
+    np.testing.assert_allclose(full[0], np.eye(5)[:1])
+    np.testing.assert_allclose(full[1], [[1.0]])

@@ -189,3 +189,70 @@ def test_exact_damped_indefinite_hessian_falls_back_to_eigendecomposition():
         expected = np.linalg.solve(hessian + regularization * np.eye(8), gradients.T)
         assert _relative_error(_ihvp_columns(ihvp, dataset), expected) < 1e-6
         np.testing.assert_allclose(ihvp.eigenvalues.numpy(), np.linalg.eigvalsh(hessian), rtol=1e-6, atol=1e-9)
+
+
+def _float64_mlp_problem():
+    keras.utils.set_random_seed(1)
+    keras_model = keras.Sequential([keras.Input((5,), dtype="float64"),
+                                    keras.layers.Dense(6, activation="tanh", dtype="float64"),
+                                    keras.layers.Dense(3, dtype="float64")])
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(60, 5)), rng.normal(size=(60, 3))
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(20)
+    model = InfluenceModel(keras_model, start_layer=0, last_layer=-1, loss_function=toy_mse("float64"))
+    hessian = ExactIHVP(model, dataset).hessian.numpy()
+    return model, dataset, hessian, model.batch_jacobian(dataset).numpy().T
+
+
+def test_block_columnwise_and_recycled_conjugate_gradients_agree_with_the_dense_solve():
+    model, dataset, hessian, gradients = _float64_mlp_problem()  # P = 57, 60 right-hand sides
+    damping = 0.3 - min(0.0, np.linalg.eigvalsh(hessian).min())  # H + λI positive definite
+    expected = np.linalg.solve(hessian + damping * np.eye(model.nb_params), gradients)
+    options = dict(regularization=damping, tol=1e-10, atol=0.0, n_opt_iters=500)
+    block = ConjugateGradientDescentIHVP(model, None, dataset, **options)
+    columnwise = ConjugateGradientDescentIHVP(model, None, dataset, block=False, **options)
+    assert block.block and not columnwise.block
+    np.testing.assert_allclose(block.apply_inverse(gradients[:, :20]).numpy(), expected[:, :20], rtol=1e-7, atol=1e-9)
+    assert block.last_solve_info["operator_columns"] <= 3 * model.nb_params
+    np.testing.assert_allclose(columnwise.apply_inverse(gradients[:, :20]).numpy(), expected[:, :20], rtol=1e-7,
+                               atol=1e-9)
+    recycled = ConjugateGradientDescentIHVP(model, None, dataset, recycle_directions=1000, **options)
+    spent = []
+    for start in (0, 20, 40):
+        np.testing.assert_allclose(recycled.apply_inverse(gradients[:, start:start + 20]).numpy(),
+                                   expected[:, start:start + 20], rtol=1e-6, atol=1e-8)
+        spent.append(recycled.last_solve_info["operator_columns"])
+    assert spent[2] < spent[0] and recycled.krylov_basis.size <= model.nb_params
+    # Inside a graph (Dataset.map) the column-wise iteration is used, with the same answers.
+    np.testing.assert_allclose(_ihvp_columns(block, dataset), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_conjugate_gradients_option_errors():
+    model, dataset, _, _ = _toy()
+    with pytest.raises(ValueError, match="recycle_directions"):
+        ConjugateGradientDescentIHVP(model, -1, dataset, recycle_directions=-2)
+    with pytest.raises(ValueError, match="block=True"):
+        ConjugateGradientDescentIHVP(model, -1, dataset, recycle_directions=10, block=False)
+
+
+@pytest.mark.parametrize("regularization", [0.0, 0.4])
+def test_exact_cholesky_solves_quadratic_form_and_lazy_inverse(regularization):
+    model, dataset, hessian, gradients = _float64_mlp_problem()
+    damping = regularization - min(0.0, np.linalg.eigvalsh(hessian).min()) if regularization else 0.0
+    ihvp = ExactIHVP(model, dataset, regularization=damping)
+    if damping:
+        expected_inverse = np.linalg.inv(hessian + damping * np.eye(model.nb_params))
+        assert ihvp.cholesky_factor is not None and ihvp._inverse is None  # pylint: disable=protected-access
+        np.testing.assert_allclose(ihvp.cholesky_factor.numpy() @ ihvp.cholesky_factor.numpy().T,
+                                   hessian + damping * np.eye(model.nb_params), rtol=1e-10, atol=1e-12)
+    else:
+        expected_inverse = np.linalg.pinv(hessian, rcond=ihvp.rcond, hermitian=True)
+        assert ihvp.cholesky_factor is None
+    np.testing.assert_allclose(ihvp.apply_inverse(gradients).numpy(), expected_inverse @ gradients, rtol=1e-6,
+                               atol=1e-9)
+    quadratic = np.einsum("pk,pq,qk->k", gradients, expected_inverse, gradients)
+    np.testing.assert_allclose(ihvp.inverse_quadratic_form(gradients).numpy(), quadratic, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ihvp.inv_hessian.numpy(), expected_inverse, rtol=1e-6, atol=1e-9)
+    # Once formed, the explicit inverse is used, with the same answers.
+    np.testing.assert_allclose(ihvp.apply_inverse(gradients).numpy(), expected_inverse @ gradients, rtol=1e-6,
+                               atol=1e-9)

@@ -185,3 +185,25 @@ def test_base_influence_model_watches_given_weights():
     with pytest.raises(ValueError, match="not weights of the model"):
         BaseInfluenceModel(keras_model, [toy_model(seed=3).layers[0].kernel], loss_function=toy_mse(),
                            weights_processed=True)
+
+
+def test_loss_with_python_control_flow_on_tensors_still_works():
+    """Kernels are traced without AutoGraph first; a loss that needs it (a Python ``if`` on a tensor) is traced
+    again with AutoGraph instead of failing."""
+    keras.utils.set_random_seed(0)
+    keras_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plain = keras.losses.MeanSquaredError(reduction=None)
+
+    def branching_loss(y_true, y_pred):
+        if tf.reduce_max(tf.abs(y_pred)) > 1e9:  # never true here: same values as the plain loss
+            return 0.0 * plain(y_true, y_pred)
+        return plain(y_true, y_pred)
+
+    rng = np.random.default_rng(0)
+    batch = (tf.constant(rng.normal(size=(4, 3)), tf.float32), tf.constant(rng.normal(size=(4, 2)), tf.float32))
+    expected = InfluenceModel(keras_model, start_layer=0, loss_function=plain)
+    branching = InfluenceModel(keras_model, start_layer=0, loss_function=branching_loss)
+    np.testing.assert_allclose(branching.batch_loss_tensor(batch).numpy(), expected.batch_loss_tensor(batch).numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(branching.batch_gradient_tensor(batch).numpy(),
+                               expected.batch_gradient_tensor(batch).numpy(), rtol=1e-6)

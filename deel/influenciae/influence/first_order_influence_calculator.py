@@ -69,7 +69,11 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         return tf.matmul(preproc_test_sample, tf.cast(influence_vector, preproc_test_sample.dtype), transpose_b=True)
 
     def _compute_influence_value_from_batch(self, train_samples: Tuple) -> tf.Tensor:
-        """Self-influence ``g(z)ᵀ v(z)``: (B, 1); gradients are computed once."""
+        """Self-influence ``g(z)ᵀ v(z)``: (B, 1); gradients are computed once. Without RelatIF this is the
+        solver's inverse quadratic form ``g(z)ᵀ (H + λI)⁻¹ g(z)`` (one triangular solve for a Cholesky factor)."""
+        if not self.normalize:
+            gradients = self.model.batch_jacobian_tensor(train_samples)
+            return self.ihvp_calculator.inverse_quadratic_form(tf.transpose(gradients))[:, None]
         gradients, vectors = self._gradients_and_vectors(train_samples)
         return tf.reduce_sum(gradients * vectors, axis=1, keepdims=True)
 
