@@ -109,6 +109,10 @@ def test_learning_rate_broadcast_and_errors(setup):
         setup["calculator"].compute_influence_values(unbatched)
     with pytest.raises(ValueError, match="batched"):
         setup["calculator"].estimate_influence_values_in_batches(setup["test"], unbatched)
+    with pytest.raises(ValueError, match="train_set"):
+        setup["calculator"].estimate_influence_values_matrix(setup["test"], unbatched)
+    with pytest.raises(ValueError, match="dataset_to_evaluate is empty"):
+        setup["calculator"].estimate_influence_values_matrix(setup["test"].take(0), setup["train"])
 
 
 def _last_layer_gradients(model, x, y):

@@ -1,13 +1,14 @@
 """TracIn (Pruthi et al. 2020), checkpoint version TracInCP."""
 from numbers import Real
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
-from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel
-from ..utils.tf_operations import default_process_batch
+from ..common.autodiff import compile_function
+from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
+from ..utils.tf_operations import assert_batched_dataset, default_process_batch
 
 
 def _broadcast_learning_rates(learning_rates: Union[float, Sequence[float]], nb_models: int) -> Tuple[float, ...]:
@@ -73,6 +74,11 @@ class TracIn(BaseInfluenceCalculator):
         self.dtype = dtypes.pop()
         self._scales = [tf.constant(np.sqrt(rate), self.dtype) for rate in self.learning_rates]
         self.nb_params = sum(model.nb_params for model in models)
+        # One compiled function per quantity, running every checkpoint, so that a batch costs one call and the
+        # (B, Σ_k P_k) concatenation of scaled gradients is never built for pairwise values or self-influence.
+        self._checkpoint_gradients = compile_function(self._checkpoint_gradients_eager)
+        self._pairwise_block = compile_function(self._pairwise_block_eager)
+        self._self_values = compile_function(self._self_values_eager)
 
     @classmethod
     def from_models_saver(cls, saver, loss_function: Callable, start_layer=None, last_layer=None,
@@ -87,6 +93,51 @@ class TracIn(BaseInfluenceCalculator):
                                            loss_function=loss_function,
                                            process_batch_for_loss_fn=process_batch_for_loss_fn) for model in models]
         return cls(influence_models, learning_rates)
+
+    def _checkpoint_gradients_eager(self, samples: Tuple) -> List[tf.Tensor]:
+        """Per-sample gradients of every checkpoint (unscaled): K tensors (B, P_k)."""
+        return [model.kernels._per_sample_gradients_eager(samples)  # pylint: disable=protected-access
+                for model in self.models]
+
+    def _pairwise_block_eager(self, test_gradients: List[tf.Tensor], train_samples: Tuple) -> tf.Tensor:
+        """``Σ_k lr_k g_k(t)·g_k(z)`` for the test gradients of every checkpoint and a training batch: (B_t, B)."""
+        total = None
+        for model, rate, test in zip(self.models, self.learning_rates, test_gradients):
+            train = model.kernels._per_sample_gradients_eager(train_samples)  # pylint: disable=protected-access
+            block = tf.matmul(tf.cast(rate, self.dtype) * test, train, transpose_b=True)
+            total = block if total is None else total + block
+        return total
+
+    def _self_values_eager(self, samples: Tuple) -> tf.Tensor:
+        """``Σ_k lr_k ||g_k(z)||²``: (B,)."""
+        return tf.add_n([tf.cast(rate, self.dtype) * tf.reduce_sum(tf.square(gradients), axis=1)
+                         for rate, gradients in zip(self.learning_rates, self._checkpoint_gradients_eager(samples))])
+
+    def estimate_influence_values_matrix(self, dataset_to_evaluate: tf.data.Dataset,
+                                         train_set: tf.data.Dataset) -> tf.Tensor:
+        """All pairwise values ``Σ_k lr_k g_k(t)·g_k(z)`` as one matrix (N_test, N_train).
+
+        The test gradients of every checkpoint are computed once; each training batch then costs one compiled
+        call (its gradients at every checkpoint and their products with the test gradients), without building
+        the concatenated (B, Σ_k P_k) influence vectors.
+
+        Raises
+        ------
+        ValueError
+            If a dataset is not batched or empty, or a value is not finite.
+        """
+        assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
+        assert_batched_dataset(train_set, "train_set")
+        test_parts = [self._checkpoint_gradients(tuple(batch)) for batch in dataset_to_evaluate]
+        if not test_parts:
+            raise ValueError("dataset_to_evaluate is empty.")
+        test_gradients = [tf.concat(parts, axis=0) for parts in zip(*test_parts)]
+        columns = [self._pairwise_block(test_gradients, tuple(batch)) for batch in train_set]
+        if not columns:
+            raise ValueError("train_set is empty.")
+        values = tf.concat(columns, axis=1)
+        assert_finite(values, "influence values")
+        return values
 
     def _scaled_gradients(self, samples: Tuple) -> tf.Tensor:
         """``[√lr_1 g_1, ..., √lr_K g_K]`` for a batch: (B, Σ_k P_k)."""
@@ -108,9 +159,8 @@ class TracIn(BaseInfluenceCalculator):
         return tf.matmul(preproc_test_sample, tf.cast(influence_vector, preproc_test_sample.dtype), transpose_b=True)
 
     def _compute_influence_value_from_batch(self, train_samples: Tuple) -> tf.Tensor:
-        """Self-influence ``Σ_k lr_k ||g_k(z)||²``: (B, 1)."""
-        vectors = self._scaled_gradients(train_samples)
-        return tf.reduce_sum(tf.square(vectors), axis=1, keepdims=True)
+        """Self-influence ``Σ_k lr_k ||g_k(z)||²``: (B, 1) (one compiled call for every checkpoint)."""
+        return self._self_values(tuple(train_samples))[:, None]
 
     def checkpoint_values(self, samples_to_evaluate: Tuple, train_samples: Tuple,
                           checkpoint: Optional[int] = None) -> tf.Tensor:
