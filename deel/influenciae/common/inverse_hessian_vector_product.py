@@ -479,12 +479,20 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
     def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
         """``(H + λI)⁻¹ V`` for (P, K) vectors: (P, K). Details of the last block solve (iterations, number of
         Hessian-vector products, residual norms) are kept in ``last_solve_info``. Block CG runs eagerly; inside a
-        graph (``tf.function``, ``Dataset.map``) the column-wise iteration is used."""
-        if not self.block or not tf.executing_eagerly():
+        graph (``tf.function``, ``Dataset.map``) it runs through ``tf.py_function``."""
+        vectors = tf.cast(vectors, self.model.dtype)
+        if not self.block:
             return super().apply_inverse(vectors)
+        if tf.executing_eagerly():
+            return self._block_solve(vectors)
+        solution = tf.py_function(self._block_solve, [vectors], Tout=self.model.dtype)
+        solution.set_shape(vectors.shape)
+        return solution
+
+    def _block_solve(self, vectors: tf.Tensor) -> tf.Tensor:
         solution, self.last_solve_info = block_conjugate_gradients_solve(
-            self.damped_hvp, tf.cast(vectors, self.model.dtype), maxiter=self.n_opt_iters, tol=self.tol,
-            atol=self.atol, basis=self.krylov_basis, return_info=True)
+            self.damped_hvp, vectors, maxiter=self.n_opt_iters, tol=self.tol, atol=self.atol,
+            basis=self.krylov_basis, return_info=True)
         return solution
 
 
