@@ -226,3 +226,17 @@ def test_matrix_solves_on_the_smaller_side_with_the_same_values(setup):
     # 25 samples to evaluate against 12 training samples: the solver is applied to the training side.
     _close(calculator.estimate_influence_values_matrix(setup["train"], setup["test"]), setup["pairwise"].T)
     _close(calculator.estimate_influence_values_matrix(setup["test"], setup["train"]), setup["pairwise"])
+    # The solver sees the smaller side only; equal sizes solve the test side; an empty training set is refused.
+    seen = []
+    ihvp = calculator.ihvp_calculator
+    original = ihvp.apply_inverse
+    ihvp.apply_inverse = lambda vectors: seen.append(int(vectors.shape[1])) or original(vectors)
+    try:
+        calculator.estimate_influence_values_matrix(setup["train"], setup["test"])
+        calculator.estimate_influence_values_matrix(setup["test"], setup["train"])
+        calculator.estimate_influence_values_matrix(setup["test"], setup["test"])
+        with pytest.raises(ValueError, match="train_set is empty"):
+            calculator.estimate_influence_values_matrix(setup["test"], setup["train"].take(0))
+    finally:
+        del ihvp.apply_inverse
+    assert seen == [12, 12, 12]

@@ -1,10 +1,12 @@
 """First-order influence functions (Koh & Liang 2017), RelatIF (Barshan et al. 2020), groups (Koh et al. 2019)."""
+import itertools
 from typing import Any, Optional, Tuple
 
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.model_wrappers import InfluenceModel, assert_finite
+from ..utils.tf_operations import assert_batched_dataset
 from .base_group_influence import BaseGroupInfluenceCalculator
 
 
@@ -92,14 +94,30 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         """
         if self.normalize:
             return super().estimate_influence_values_matrix(dataset_to_evaluate, train_set)
+        assert_batched_dataset(train_set, "train_set")
         test_gradients = self.model.batch_jacobian(dataset_to_evaluate)
-        train_gradients = self.model.batch_jacobian(train_set)
-        if test_gradients.shape[0] > train_gradients.shape[0]:
+        # Read training gradients until there are more of them than test ones: a smaller training set is solved
+        # whole; otherwise the test side is solved and the training batches are streamed (memory O(N_test × P)).
+        train_batches = iter(train_set)
+        buffered, count = [], 0
+        for batch in train_batches:
+            buffered.append(self.model.batch_jacobian_tensor(tuple(batch)))
+            count += int(buffered[-1].shape[0])
+            if count > test_gradients.shape[0]:
+                break
+        if not buffered:
+            raise ValueError("train_set is empty.")
+        if count < test_gradients.shape[0]:
+            train_gradients = tf.concat(buffered, axis=0)
             solved_train = tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(train_gradients)))
             values = tf.matmul(test_gradients, tf.cast(solved_train, test_gradients.dtype), transpose_b=True)
         else:
-            solved_test = self.ihvp_calculator.apply_inverse(tf.transpose(test_gradients))  # (P, N_test)
-            values = tf.transpose(tf.matmul(train_gradients, tf.cast(solved_test, train_gradients.dtype)))
+            solved_test = tf.cast(self.ihvp_calculator.apply_inverse(tf.transpose(test_gradients)),
+                                  test_gradients.dtype)  # (P, N_test)
+            train_gradients = itertools.chain(buffered, (self.model.batch_jacobian_tensor(tuple(batch))
+                                                         for batch in train_batches))
+            values = tf.concat([tf.matmul(solved_test, gradients, transpose_a=True, transpose_b=True)
+                                for gradients in train_gradients], axis=1)
         assert_finite(values, "influence values")
         return values
 
