@@ -30,9 +30,7 @@ shared machine vary; the 1-minute load average is printed with the results.
 import argparse
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -46,6 +44,7 @@ from deel.influenciae.common import (ConjugateGradientDescentIHVP,  # pylint: di
                                      ExactIHVP, InfluenceModel)
 from deel.influenciae.influence import FirstOrderInfluenceCalculator  # pylint: disable=no-name-in-module
 from deel.influenciae.utils.sorted_dict import ORDER  # pylint: disable=no-name-in-module
+from bench_common import plain_step, proc_status_kib, reset_peak_rss, ru_maxrss_kib  # pylint: disable=C0411
 
 N_TRAIN = 1437
 N_TEST = 100
@@ -56,34 +55,6 @@ KIB = 1024
 
 
 # -------- Measurement -------------------------------------------------------------------------------------------
-def _proc_status_kib(field_name: str) -> Optional[int]:
-    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``, ``VmHWM``), or None where unavailable."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); True if it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _ru_maxrss_kib() -> int:
-    """Peak resident set size of the process so far, in KiB (``ru_maxrss`` is in bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // KIB if sys.platform == "darwin" else peak
-
-
 class PeakMemory:
     """Context manager measuring how much the resident set grew at its peak during the block (MiB)."""
 
@@ -93,14 +64,14 @@ class PeakMemory:
         self._per_stage = False
 
     def __enter__(self) -> "PeakMemory":
-        self._per_stage = _reset_peak_rss() and _proc_status_kib("VmHWM") is not None
-        current = _proc_status_kib("VmRSS") if self._per_stage else None
-        self._start_kib = current if current is not None else _ru_maxrss_kib()
+        self._per_stage = reset_peak_rss() and proc_status_kib("VmHWM") is not None
+        current = proc_status_kib("VmRSS") if self._per_stage else None
+        self._start_kib = current if current is not None else ru_maxrss_kib()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        peak = _proc_status_kib("VmHWM") if self._per_stage else None
-        peak = peak if peak is not None else _ru_maxrss_kib()
+        peak = proc_status_kib("VmHWM") if self._per_stage else None
+        peak = peak if peak is not None else ru_maxrss_kib()
         self.delta_mib = max(peak - self._start_kib, 0) / KIB
 
 
@@ -167,15 +138,7 @@ def plain_gradient_pass(model: keras.Model, loss_function: Callable, dataset: tf
     Returns a function iterating over ``dataset`` like ``batch_jacobian`` does, returning one flat (P,) gradient
     per batch: the cost of the same data through the same network without per-sample gradients.
     """
-    variables = model.trainable_variables
-
-    @tf.function(reduce_retracing=True)
-    def step(inputs: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(loss_function(targets, model(inputs, training=False)))
-        gradients = tape.gradient(loss, variables)
-        return tf.concat([tf.reshape(gradient, [-1]) for gradient in gradients], axis=0)
-
+    step = plain_step(model, loss_function)
     return lambda: [step(inputs, targets) for inputs, targets in dataset]
 
 
@@ -275,7 +238,7 @@ def run(repeats: int, batch_size: int, seed: int) -> Dict[str, Any]:
 
     print_table(stages)
     print(f"\nload average {os.getloadavg()[0]:.2f} (1 min) at the end; peak RSS of the process "
-          f"{_ru_maxrss_kib() / KIB:.0f} MiB")
+          f"{ru_maxrss_kib() / KIB:.0f} MiB")
     return {"n_params": n_params, "stages": stages, "cg_max_relative_deviation": deviation}
 
 

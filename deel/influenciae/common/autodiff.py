@@ -70,7 +70,7 @@ def compile_function(function: Callable) -> Callable:
     return _Compiled(function)
 
 
-class LossKernels:
+class LossKernels:  # pylint: disable=too-many-instance-attributes  (one attribute per compiled kernel)
     """Derivatives of ``loss(y, model(x), sample_weight)`` with respect to the watched variables.
 
     Parameters
@@ -118,6 +118,7 @@ class LossKernels:
         self.summed_gradient = compile_function(self._summed_gradient_eager)
         self.summed_hessian = compile_function(self._summed_hessian_eager)
         self.summed_hvp = compile_function(self._summed_hvp_eager)
+        self.chunked_mean_hvp = compile_function(self.chunked_mean_hvp_eager)
 
     # ---------------------------------------------------------------------------------------------
     # θ and the functional loss
@@ -208,3 +209,17 @@ class LossKernels:
             projections = tf.linalg.matvec(vectors, gradient, transpose_a=True)  # (K,) = Vᵀ g
         # d(Vᵀ g)/dθ = Vᵀ H (K, P); H is symmetric so its transpose is H V.
         return tf.transpose(outer.jacobian(projections, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+
+    def chunked_mean_hvp_eager(self, samples: Tuple, vectors: tf.Tensor, chunk_size: tf.Tensor) -> tf.Tensor:
+        """Mean over ``samples`` (a batch held in memory, N samples) of the Hessian times ``vectors`` (P, K),
+        walking the samples in chunks of ``chunk_size`` inside one loop: (P, K). Compiled as
+        ``chunked_mean_hvp`` (one trace per LossKernels, whatever dataset or solver calls it)."""
+        nb_samples = tf.shape(tf.nest.flatten(samples)[0])[0]
+        vectors = tf.cast(vectors, self.dtype)
+
+        def body(start, total):
+            chunk = tf.nest.map_structure(lambda tensor: tensor[start:start + chunk_size], samples)
+            return start + chunk_size, total + self._summed_hvp_eager(chunk, vectors)
+
+        _, total = tf.while_loop(lambda start, _: start < nb_samples, body, (tf.constant(0), tf.zeros_like(vectors)))
+        return total / tf.cast(nb_samples, vectors.dtype)

@@ -297,18 +297,13 @@ class ForwardOverBackwardHVP:
         self.nb_samples = int(tf.shape(tf.nest.flatten(self.samples)[0])[0])
         first_batch = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
         self.chunk_size = int(chunk_size) if chunk_size else max(first_batch, 256)
-        self._mean_hvp = compile_function(self._mean_hvp_eager)
 
     def _mean_hvp_eager(self, vectors: tf.Tensor) -> tf.Tensor:
-        size = self.chunk_size
+        """The mean HVP as graph code (for callers compiling a larger function around it)."""
+        return self.kernels.chunked_mean_hvp_eager(self.samples, vectors, tf.constant(self.chunk_size))
 
-        def body(start, total):
-            chunk = tf.nest.map_structure(lambda tensor: tensor[start:start + size], self.samples)
-            return start + size, total + self.kernels._summed_hvp_eager(chunk, vectors)  # pylint: disable=W0212
-
-        _, total = tf.while_loop(lambda start, _: start < self.nb_samples, body,
-                                 (tf.constant(0), tf.zeros_like(vectors)))
-        return total / tf.cast(self.nb_samples, vectors.dtype)
+    def _mean_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
+        return self.kernels.chunked_mean_hvp(self.samples, vectors, tf.constant(self.chunk_size))
 
     def __call__(self, vectors: tf.Tensor) -> tf.Tensor:
         """Mean HVP: vectors (P,), (P, 1) or (P, K) -> (P, 1) or (P, K)."""
@@ -328,6 +323,26 @@ class _HeadModel(BaseInfluenceModel):
 
 def _feature_batch(batch: Tuple) -> Tuple[Any, Any, Any]:
     return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+
+
+def _split_for_hvp(model: BaseInfluenceModel, extractor_layer: Optional[Union[int, str]]
+                   ) -> Tuple[Optional[keras.Model], "_HeadModel"]:
+    """``(feature extractor or None, head influence model)`` for a cut at ``extractor_layer``.
+
+    Cached on the influence model, so that every solver built on it shares the head and its compiled kernels
+    (building a second solver traces nothing).
+    """
+    cache = model.__dict__.setdefault("_hvp_split_cache", {})
+    if extractor_layer not in cache:
+        extractor, head = (None, model.model) if extractor_layer is None else \
+            split_model_shared(model.model, extractor_layer)
+        head_ids = {id(variable) for variable in head.variables}
+        outside = [variable.path for variable in model.weights if id(variable) not in head_ids]
+        if outside:
+            raise ValueError(f"Watched weights {outside} lie below extractor_layer={extractor_layer!r}; the head "
+                             "must contain every watched weight (pick an earlier extractor_layer).")
+        cache[extractor_layer] = (extractor, _HeadModel(head, model.weights, model.loss_function))
+    return cache[extractor_layer]
 
 
 class IterativeIHVP(InverseHessianVectorProduct):
@@ -373,17 +388,10 @@ class IterativeIHVP(InverseHessianVectorProduct):
         if extractor_layer is None:
             extractor_layer = getattr(model, "start_layer_index", None)
         self.extractor_layer = extractor_layer
-        extractor, head = (None, model.model) if extractor_layer is None else \
-            split_model_shared(model.model, extractor_layer)
+        extractor, self.head_model = _split_for_hvp(model, extractor_layer)
         if feature_extractor is not None:
             extractor = feature_extractor
         self.feature_extractor = extractor
-        head_ids = {id(variable) for variable in head.variables}
-        outside = [variable.path for variable in model.weights if id(variable) not in head_ids]
-        if outside:
-            raise ValueError(f"Watched weights {outside} lie below extractor_layer={extractor_layer!r}; the head "
-                             "must contain every watched weight (pick an earlier extractor_layer).")
-        self.head_model = _HeadModel(head, model.weights, model.loss_function)
         self.feature_dataset = self._cache_features(train_dataset, hvp_batch_size)
         self.hessian_vector_product = ForwardOverBackwardHVP(self.head_model, self.feature_dataset,
                                                              chunk_size=hvp_batch_size)

@@ -6,7 +6,6 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
-from ..common.autodiff import compile_function
 from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
 from ..utils.tf_operations import assert_batched_dataset, default_process_batch
 
@@ -74,11 +73,6 @@ class TracIn(BaseInfluenceCalculator):
         self.dtype = dtypes.pop()
         self._scales = [tf.constant(np.sqrt(rate), self.dtype) for rate in self.learning_rates]
         self.nb_params = sum(model.nb_params for model in models)
-        # One compiled function per quantity, running every checkpoint, so that a batch costs one call and the
-        # (B, Σ_k P_k) concatenation of scaled gradients is never built for pairwise values or self-influence.
-        self._checkpoint_gradients = compile_function(self._checkpoint_gradients_eager)
-        self._pairwise_block = compile_function(self._pairwise_block_eager)
-        self._self_values = compile_function(self._self_values_eager)
 
     @classmethod
     def from_models_saver(cls, saver, loss_function: Callable, start_layer=None, last_layer=None,
@@ -94,32 +88,29 @@ class TracIn(BaseInfluenceCalculator):
                                            process_batch_for_loss_fn=process_batch_for_loss_fn) for model in models]
         return cls(influence_models, learning_rates)
 
-    def _checkpoint_gradients_eager(self, samples: Tuple) -> List[tf.Tensor]:
-        """Per-sample gradients of every checkpoint (unscaled): K tensors (B, P_k)."""
-        return [model.kernels._per_sample_gradients_eager(samples)  # pylint: disable=protected-access
-                for model in self.models]
+    def _checkpoint_gradients(self, samples: Tuple) -> List[tf.Tensor]:
+        """Per-sample gradients of every checkpoint (unscaled): K tensors (B, P_k). Each checkpoint's compiled
+        kernel belongs to its InfluenceModel, so new TracIn objects on the same models trace nothing."""
+        return [model.batch_jacobian_tensor(samples) for model in self.models]
 
-    def _pairwise_block_eager(self, test_gradients: List[tf.Tensor], train_samples: Tuple) -> tf.Tensor:
+    def _pairwise_block(self, test_gradients: List[tf.Tensor], train_samples: Tuple) -> tf.Tensor:
         """``Σ_k lr_k g_k(t)·g_k(z)`` for the test gradients of every checkpoint and a training batch: (B_t, B)."""
-        total = None
-        for model, rate, test in zip(self.models, self.learning_rates, test_gradients):
-            train = model.kernels._per_sample_gradients_eager(train_samples)  # pylint: disable=protected-access
-            block = tf.matmul(tf.cast(rate, self.dtype) * test, train, transpose_b=True)
-            total = block if total is None else total + block
-        return total
+        return tf.add_n([tf.matmul(tf.cast(rate, self.dtype) * test, train, transpose_b=True)
+                         for rate, test, train in zip(self.learning_rates, test_gradients,
+                                                      self._checkpoint_gradients(train_samples))])
 
-    def _self_values_eager(self, samples: Tuple) -> tf.Tensor:
+    def _self_values(self, samples: Tuple) -> tf.Tensor:
         """``Σ_k lr_k ||g_k(z)||²``: (B,)."""
         return tf.add_n([tf.cast(rate, self.dtype) * tf.reduce_sum(tf.square(gradients), axis=1)
-                         for rate, gradients in zip(self.learning_rates, self._checkpoint_gradients_eager(samples))])
+                         for rate, gradients in zip(self.learning_rates, self._checkpoint_gradients(samples))])
 
     def estimate_influence_values_matrix(self, dataset_to_evaluate: tf.data.Dataset,
                                          train_set: tf.data.Dataset) -> tf.Tensor:
         """All pairwise values ``Σ_k lr_k g_k(t)·g_k(z)`` as one matrix (N_test, N_train).
 
-        The test gradients of every checkpoint are computed once; each training batch then costs one compiled
-        call (its gradients at every checkpoint and their products with the test gradients), without building
-        the concatenated (B, Σ_k P_k) influence vectors.
+        The test gradients of every checkpoint are computed once; each training batch then costs its gradients at
+        every checkpoint and their products with the test gradients, without building the concatenated
+        (B, Σ_k P_k) influence vectors.
 
         Raises
         ------
@@ -159,7 +150,7 @@ class TracIn(BaseInfluenceCalculator):
         return tf.matmul(preproc_test_sample, tf.cast(influence_vector, preproc_test_sample.dtype), transpose_b=True)
 
     def _compute_influence_value_from_batch(self, train_samples: Tuple) -> tf.Tensor:
-        """Self-influence ``Σ_k lr_k ||g_k(z)||²``: (B, 1) (one compiled call for every checkpoint)."""
+        """Self-influence ``Σ_k lr_k ||g_k(z)||²``: (B, 1)."""
         return self._self_values(tuple(train_samples))[:, None]
 
     def checkpoint_values(self, samples_to_evaluate: Tuple, train_samples: Tuple,

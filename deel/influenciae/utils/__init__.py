@@ -11,7 +11,8 @@ from .tf_operations import (array_to_dataset, assert_batched_dataset, assert_kno
 
 __all__ = [
     "BacktrackingLineSearch", "BTLSParameters", "backtracking_line_search",
-    "conjugate_gradients_solve", "block_conjugate_gradients_solve", "KrylovBasis", "BaseNearestNeighbors", "LinearNearestNeighbors", "ORDER", "BatchSort",
+    "conjugate_gradients_solve", "block_conjugate_gradients_solve", "KrylovBasis", "BaseNearestNeighbors",
+    "LinearNearestNeighbors", "ORDER", "BatchSort",
     "stable_top_k", "array_to_dataset", "assert_batched_dataset", "assert_known_cardinality", "batch_sizes",
     "dataset_size", "dataset_to_tensor", "default_process_batch", "extract_only_values", "find_layer",
     "from_layer_name_to_layer_idx", "get_device", "is_dataset_batched", "map_to_device", "split_model",
