@@ -70,7 +70,7 @@ def compile_function(function: Callable) -> Callable:
     return _Compiled(function)
 
 
-class LossKernels:  # pylint: disable=too-many-instance-attributes  (one attribute per compiled kernel)
+class LossKernels:  # pylint: disable=too-many-instance-attributes
     """Derivatives of ``loss(y, model(x), sample_weight)`` with respect to the watched variables.
 
     Parameters
