@@ -21,6 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .pfor_converters import per_sample_converters
+
 
 def _accepts_training(model: keras.Model) -> bool:
     """Whether ``model.call`` takes a ``training`` argument (subclassed models may not)."""
@@ -181,7 +183,8 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
 
         samples = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
         try:
-            return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=False)
+            with per_sample_converters():
+                return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=False)
         except (ValueError, NotImplementedError, TypeError) as error:  # an op pfor cannot vectorize (at trace time)
             warnings.warn(f"Per-sample gradients could not be fully vectorized ({type(error).__name__}: "
                           f"{str(error)[:200]}); falling back to a slower while loop for the unsupported ops.",
