@@ -135,43 +135,48 @@ def compiled_arnoldi_iteration(hvp: Callable[[tf.Tensor], tf.Tensor], start: np.
         float64 arrays (m, P) and (m, m) as in :func:`arnoldi_iteration`, or ``None`` after a breakdown.
     """
     start = tf.constant(np.asarray(start, np.float64).ravel())
-    nb_params = int(start.shape[0])
+    run = compile_function(lambda first, size, tolerance: arnoldi_graph(hvp, first, size, tolerance, dtype))
+    return _finished(*run(start, tf.constant(subspace_dim), tf.constant(breakdown_tolerance, tf.float64)))
 
-    def run_eager(first: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        basis = tf.tensor_scatter_nd_update(tf.zeros((subspace_dim, nb_params), tf.float64), [[0]],
-                                            [first / tf.norm(first)])
-        columns = tf.zeros((subspace_dim, subspace_dim), tf.float64)  # row i holds column i of T
 
-        def body(i, basis, columns, broken):
-            product = tf.cast(hvp(tf.cast(basis[i], dtype)[:, None])[:, 0], tf.float64)
-            product_norm = tf.norm(product)
-            residual, coefficients = product, tf.zeros((subspace_dim,), tf.float64)
-            for _ in range(2):  # rows of the basis beyond i are zero, so they add nothing
-                step = tf.linalg.matvec(basis, residual)
-                residual -= tf.linalg.matvec(basis, step, transpose_a=True)
-                coefficients += step
-            residual_norm = tf.norm(residual)
-            last = i + 1 >= subspace_dim
-            healthy = residual_norm > breakdown_tolerance * tf.maximum(product_norm, np.finfo(np.float64).tiny)
-            subdiagonal = tf.one_hot(tf.minimum(i + 1, subspace_dim - 1), subspace_dim, dtype=tf.float64)
-            coefficients += tf.where(last, tf.zeros_like(residual_norm), residual_norm) * subdiagonal
-            columns = tf.tensor_scatter_nd_update(columns, [[i]], [coefficients])
-            next_row = tf.where(tf.logical_or(last, tf.logical_not(healthy)), tf.zeros_like(residual),
-                                residual / tf.maximum(residual_norm, np.finfo(np.float64).tiny))
-            basis = tf.tensor_scatter_nd_update(basis, [[tf.minimum(i + 1, subspace_dim - 1)]],
-                                                [tf.where(last, basis[subspace_dim - 1], next_row)])
-            broken = tf.logical_or(broken, tf.logical_and(tf.logical_not(last), tf.logical_not(healthy)))
-            return i + 1, basis, columns, broken
+def _finished(basis: tf.Tensor, projected: tf.Tensor, broken: tf.Tensor) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    return None if bool(broken) else (basis.numpy(), projected.numpy())
 
-        _, basis, columns, broken = tf.while_loop(
-            lambda i, _b, _c, broken: tf.logical_and(i < subspace_dim, tf.logical_not(broken)), body,
-            (tf.constant(0), basis, columns, tf.constant(False)))
-        return basis, tf.transpose(columns), broken
 
-    basis, projected, broken = compile_function(run_eager)(start)
-    if bool(broken):
-        return None
-    return basis.numpy(), projected.numpy()
+def arnoldi_graph(hvp: Callable[[tf.Tensor], tf.Tensor], first: tf.Tensor, subspace_dim: tf.Tensor,
+                  breakdown_tolerance: tf.Tensor, dtype: tf.DType) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Graph code of :func:`compiled_arnoldi_iteration`: ``(basis (m, P), projected (m, m), broken)`` in float64;
+    ``subspace_dim`` and ``breakdown_tolerance`` are tensors, so one trace serves every size."""
+    nb_params = tf.shape(first)[0]
+    basis = tf.tensor_scatter_nd_update(tf.zeros(tf.stack([subspace_dim, nb_params]), tf.float64), [[0]],
+                                        [first / tf.norm(first)])
+    columns = tf.zeros(tf.stack([subspace_dim, subspace_dim]), tf.float64)  # row i holds column i of T
+
+    def body(i, basis, columns, broken):
+        product = tf.cast(hvp(tf.cast(basis[i], dtype)[:, None])[:, 0], tf.float64)
+        product_norm = tf.norm(product)
+        residual, coefficients = product, tf.zeros(tf.stack([subspace_dim]), tf.float64)
+        for _ in range(2):  # rows of the basis beyond i are zero, so they add nothing
+            step = tf.linalg.matvec(basis, residual)
+            residual -= tf.linalg.matvec(basis, step, transpose_a=True)
+            coefficients += step
+        residual_norm = tf.norm(residual)
+        last = i + 1 >= subspace_dim
+        healthy = residual_norm > breakdown_tolerance * tf.maximum(product_norm, np.finfo(np.float64).tiny)
+        subdiagonal = tf.one_hot(tf.minimum(i + 1, subspace_dim - 1), subspace_dim, dtype=tf.float64)
+        coefficients += tf.where(last, tf.zeros_like(residual_norm), residual_norm) * subdiagonal
+        columns = tf.tensor_scatter_nd_update(columns, [[i]], [coefficients])
+        next_row = tf.where(tf.logical_or(last, tf.logical_not(healthy)), tf.zeros_like(residual),
+                            residual / tf.maximum(residual_norm, np.finfo(np.float64).tiny))
+        basis = tf.tensor_scatter_nd_update(basis, [[tf.minimum(i + 1, subspace_dim - 1)]],
+                                            [tf.where(last, basis[subspace_dim - 1], next_row)])
+        broken = tf.logical_or(broken, tf.logical_and(tf.logical_not(last), tf.logical_not(healthy)))
+        return i + 1, basis, columns, broken
+
+    _, basis, columns, broken = tf.while_loop(
+        lambda i, _b, _c, broken: tf.logical_and(i < subspace_dim, tf.logical_not(broken)), body,
+        (tf.constant(0), basis, columns, tf.constant(False)))
+    return basis, tf.transpose(columns), broken
 
 
 def distill(projected: np.ndarray, basis: np.ndarray, k: int, force_hermitian: bool) -> Tuple[np.ndarray, np.ndarray]:
@@ -307,9 +312,17 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
             return np.random.default_rng(self.seed)
         return np.random.default_rng(int(tf.random.uniform([], maxval=2 ** 62, dtype=tf.int64)))
 
-    def _graph_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
-        """Mean HVP inside a graph: (P, 1) -> (P, 1), model dtype."""
-        return self.hessian_vector_product._mean_hvp_eager(vectors)  # pylint: disable=protected-access
+    def _compiled_arnoldi(self) -> Callable:
+        """The compiled Arnoldi loop of this model's kernels: one trace shared by every ArnoldiIHVP built on the
+        model, whatever its data, subspace dimension or tolerance."""
+        kernels = self.model.kernels
+        cache = kernels.__dict__.setdefault("_compiled_arnoldi", {})
+        if "loop" not in cache:
+            cache["loop"] = compile_function(
+                lambda samples, chunk_size, first, size, tolerance: arnoldi_graph(
+                    lambda vectors: kernels.chunked_mean_hvp_eager(samples, vectors, chunk_size), first, size,
+                    tolerance, kernels.dtype))
+        return cache["loop"]
 
     def _numpy_hvp(self, vector: np.ndarray) -> np.ndarray:
         return self.hessian_vector_product(tf.constant(vector[:, None])).numpy()[:, 0]
@@ -332,7 +345,10 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         rng = self._rng()
         start = rng.standard_normal(dim)
         tolerance = _breakdown_tolerance(self.model.dtype)
-        compiled = compiled_arnoldi_iteration(self._graph_hvp, start, self.subspace_dim, tolerance, self.model.dtype)
+        compiled = _finished(*self._compiled_arnoldi()(self.hessian_vector_product.samples,
+                                                        tf.constant(self.hessian_vector_product.chunk_size),
+                                                        tf.constant(start), tf.constant(self.subspace_dim),
+                                                        tf.constant(tolerance, tf.float64)))
         if compiled is not None:
             basis, projected = compiled
             self.restarts = 0
