@@ -316,13 +316,13 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         """The compiled Arnoldi loop of this model's kernels: one trace shared by every ArnoldiIHVP built on the
         model, whatever its data, subspace dimension or tolerance."""
         kernels = self.model.kernels
-        cache = kernels.__dict__.setdefault("_compiled_arnoldi", {})
-        if "loop" not in cache:
-            cache["loop"] = compile_function(
+        cache = kernels.compiled_cache
+        if "arnoldi_loop" not in cache:
+            cache["arnoldi_loop"] = compile_function(
                 lambda samples, chunk_size, first, size, tolerance: arnoldi_graph(
                     lambda vectors: kernels.chunked_mean_hvp_eager(samples, vectors, chunk_size), first, size,
                     tolerance, kernels.dtype))
-        return cache["loop"]
+        return cache["arnoldi_loop"]
 
     def _numpy_hvp(self, vector: np.ndarray) -> np.ndarray:
         return self.hessian_vector_product(tf.constant(vector[:, None])).numpy()[:, 0]

@@ -115,6 +115,9 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
             raise ValueError("The watched weights hold no parameter.")
         # Inference mode (dropout off, BatchNorm statistics frozen) for models whose call() takes `training`.
         self._call_kwargs = {"training": False} if _accepts_training(model) else {}
+        # Objects built once per (model, watched weights, loss) and shared by every solver using these kernels
+        # (the head split of iterative solvers, the compiled Arnoldi loop), so that new solvers trace nothing.
+        self.compiled_cache: dict = {}
         self.per_sample_losses = compile_function(self._per_sample_losses_eager)
         self.per_sample_gradients = compile_function(self._per_sample_gradients_eager)
         self.summed_gradient = compile_function(self._summed_gradient_eager)

@@ -184,14 +184,15 @@ class ExactIHVP(InverseHessianVectorProduct):
         self._hessian64 = hessian64
         self._eigenvalues = None
         self.hessian = tf.cast(hessian64, model.dtype)
-        self.cholesky_factor = self._damped_cholesky(hessian64, regularization, model.dtype)
-        self._inverse = None if self.cholesky_factor is not None else \
+        self._cholesky64 = self._damped_cholesky(hessian64, regularization)
+        self.cholesky_factor = None if self._cholesky64 is None else tf.cast(self._cholesky64, model.dtype)
+        self._inverse = None if self._cholesky64 is not None else \
             tf.cast(self._spectral_inverse(hessian64, regularization), model.dtype)
 
     @staticmethod
-    def _damped_cholesky(hessian64: tf.Tensor, regularization: float, dtype: tf.DType) -> Optional[tf.Tensor]:
-        """Cholesky factor of ``H + λI`` (computed in float64, returned in ``dtype``) when λ > 0 and the damped
-        matrix is positive definite; ``None`` otherwise (no damping, or an indefinite damped matrix)."""
+    def _damped_cholesky(hessian64: tf.Tensor, regularization: float) -> Optional[tf.Tensor]:
+        """float64 Cholesky factor of ``H + λI`` when λ > 0 and the damped matrix is positive definite; ``None``
+        otherwise (no damping, or an indefinite damped matrix)."""
         if regularization <= 0:
             return None
         damped = hessian64 + regularization * tf.eye(tf.shape(hessian64)[0], dtype=tf.float64)
@@ -201,15 +202,14 @@ class ExactIHVP(InverseHessianVectorProduct):
             return None
         if not bool(tf.reduce_all(tf.math.is_finite(factor))):
             return None
-        return tf.cast(factor, dtype)
+        return factor
 
     @property
     def inv_hessian(self) -> tf.Tensor:
         """(P, P) ``(H + λI)⁻¹`` (pseudo-inverse semantics when λ = 0), model dtype; formed on first access."""
         if self._inverse is None:
-            identity = tf.eye(tf.shape(self._hessian64)[0], dtype=tf.float64)
-            factor64 = tf.linalg.cholesky(self._hessian64 + self.regularization * identity)
-            self._inverse = tf.cast(tf.linalg.cholesky_solve(factor64, identity), self.hessian.dtype)
+            identity = tf.eye(tf.shape(self._cholesky64)[0], dtype=tf.float64)
+            self._inverse = tf.cast(tf.linalg.cholesky_solve(self._cholesky64, identity), self.hessian.dtype)
         return self._inverse
 
     def _spectral_inverse(self, hessian64: tf.Tensor, regularization: float) -> tf.Tensor:
@@ -298,10 +298,6 @@ class ForwardOverBackwardHVP:
         first_batch = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
         self.chunk_size = int(chunk_size) if chunk_size else max(first_batch, 256)
 
-    def _mean_hvp_eager(self, vectors: tf.Tensor) -> tf.Tensor:
-        """The mean HVP as graph code (for callers compiling a larger function around it)."""
-        return self.kernels.chunked_mean_hvp_eager(self.samples, vectors, tf.constant(self.chunk_size))
-
     def _mean_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
         return self.kernels.chunked_mean_hvp(self.samples, vectors, tf.constant(self.chunk_size))
 
@@ -332,7 +328,7 @@ def _split_for_hvp(model: BaseInfluenceModel, extractor_layer: Optional[Union[in
     Cached on the influence model, so that every solver built on it shares the head and its compiled kernels
     (building a second solver traces nothing).
     """
-    cache = model.__dict__.setdefault("_hvp_split_cache", {})
+    cache = model.kernels.compiled_cache.setdefault("hvp_split", {})
     if extractor_layer not in cache:
         extractor, head = (None, model.model) if extractor_layer is None else \
             split_model_shared(model.model, extractor_layer)
