@@ -108,6 +108,7 @@ def run_side(side: str, task: str, args: argparse.Namespace, round_index: int) -
     output.unlink(missing_ok=True)
     options = ["--task", task, "--problem", str(args.problem), "--output", str(output),
                "--repeats", str(args.repeats), "--cg-rtol", str(args.cg_rtol), "--cg-maxiter", str(args.cg_maxiter),
+               "--cg-recycle", str(args.cg_recycle),
                "--rank", str(args.rank), "--krylov", str(args.krylov)]
     if side == "ours":
         command, env = [sys.executable, str(BENCH_DIR / "peers" / "run_ours.py")] + options, ours_env()
@@ -271,6 +272,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cg-rtol", type=float, default=1e-6)
     parser.add_argument("--cg-maxiter", type=int, default=500)
+    parser.add_argument("--cg-recycle", type=int, default=-1,
+                        help="our CG's recycle_directions: -1 (default) keeps up to P directions, 0 disables")
     parser.add_argument("--rank", type=int, default=50)
     parser.add_argument("--krylov", type=int, default=101)
     parser.add_argument("--no-captum-exact", action="store_true", help="skip Captum's NaiveInfluenceFunction")

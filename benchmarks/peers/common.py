@@ -204,5 +204,8 @@ def add_task_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first one")
     parser.add_argument("--cg-rtol", type=float, default=1e-6, help="CG relative residual tolerance")
     parser.add_argument("--cg-maxiter", type=int, default=500, help="CG iteration cap")
+    parser.add_argument("--cg-recycle", type=int, default=-1,
+                        help="ours: CG search directions kept between solves (recycle_directions); -1 (default): P, "
+                             "0: no recycling")
     parser.add_argument("--rank", type=int, default=50, help="Arnoldi: eigenpairs kept")
     parser.add_argument("--krylov", type=int, default=101, help="Arnoldi: Krylov subspace dimension")

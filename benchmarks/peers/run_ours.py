@@ -80,8 +80,10 @@ def make_calculator(task: str, models: List[InfluenceModel], train_ds: tf.data.D
         ihvp = ExactIHVP(model, train_ds, regularization=common.REGULARIZATION)
         return FirstOrderInfluenceCalculator(model, train_ds, ihvp_calculator=ihvp), ihvp
     if task == "cg":
+        recycle = model.nb_params if args.cg_recycle < 0 else args.cg_recycle
         ihvp = ConjugateGradientDescentIHVP(model, train_dataset=train_ds, n_opt_iters=args.cg_maxiter,
-                                            regularization=common.REGULARIZATION, tol=args.cg_rtol, atol=0.0)
+                                            regularization=common.REGULARIZATION, tol=args.cg_rtol, atol=0.0,
+                                            recycle_directions=recycle)
         return FirstOrderInfluenceCalculator(model, train_ds, ihvp_calculator=ihvp), ihvp
     if task == "arnoldi":
         calculator = ArnoldiInfluenceCalculator(model, train_ds, subspace_dim=args.krylov, force_hermitian=True,

@@ -260,3 +260,23 @@ def test_exact_cholesky_solves_quadratic_form_and_lazy_inverse(regularization):
     # Once formed, the explicit inverse is used, with the same answers.
     np.testing.assert_allclose(ihvp.apply_inverse(gradients).numpy(), expected_inverse @ gradients, rtol=1e-6,
                                atol=1e-9)
+
+
+def test_exact_factor_precision_follows_the_condition_number():
+    """float32 models: the damped Hessian is factorised in float32 when well conditioned (estimate × eps small) and
+    in float64 otherwise; both answer like a float64 solve to the accuracy their precision allows."""
+    from deel.influenciae.common.inverse_hessian_vector_product import _condition_estimate  # pylint: disable=C0415
+    model, _, _, _ = _toy(all_layers=True)
+    rng = np.random.default_rng(21)
+    rotation, _ = np.linalg.qr(rng.normal(size=(model.nb_params, model.nb_params)))
+    vectors = rng.normal(size=(model.nb_params, 3))
+    for spectrum, expected_dtype, tolerance in ((np.linspace(1.0, 20.0, model.nb_params), tf.float32, 2e-5),
+                                                (np.logspace(-5, 1, model.nb_params), tf.float64, 1e-4)):
+        hessian = (rotation * spectrum) @ rotation.T
+        ihvp = ExactIHVP(model, train_hessian=hessian - 1e-3 * np.eye(model.nb_params), regularization=1e-3)
+        assert ihvp.factor_dtype == expected_dtype
+        assert ihvp.cholesky_factor.dtype == model.dtype
+        solved = ihvp.apply_inverse(vectors.astype(np.float32)).numpy()
+        assert _relative_error(solved, np.linalg.solve(hessian, vectors)) < tolerance
+        estimate = _condition_estimate(tf.constant(hessian), tf.linalg.cholesky(tf.constant(hessian)))
+        assert 0.5 * spectrum[-1] / spectrum[0] <= estimate <= 1.0001 * spectrum[-1] / spectrum[0]

@@ -145,3 +145,36 @@ def test_recycling_capacity_is_respected():
     assert basis.size == 0
     with pytest.raises(ValueError, match="capacity"):
         KrylovBasis(-1)
+
+
+def test_recycled_float32_solves_keep_the_tolerance_over_many_batches():
+    """In float32 the kept directions are A-orthonormal only up to rounding; later solves must still reach the
+    requested residual against the exact (float64) matrix, not just the residual they track."""
+    size = 300
+    matrix = spd_with_spectrum(np.logspace(-1, 0.5, size), seed=16)
+    operator = counting_operator(matrix.astype(np.float32))[0]
+    rng = np.random.default_rng(17)
+    basis = KrylovBasis(capacity=size)
+    worst = []
+    for _ in range(6):
+        rhs = rng.normal(size=(size, 60)).astype(np.float32)
+        solution = block_conjugate_gradients_solve(operator, tf.constant(rhs), maxiter=200, tol=1e-5, atol=0.0,
+                                                   basis=basis)
+        worst.append(column_residuals(matrix, solution.numpy().astype(np.float64), rhs.astype(np.float64)).max())
+    assert basis.size > 0
+    assert max(worst) <= 2e-5, worst
+
+
+def test_cholesky_qr_and_eigendecomposition_give_orthonormal_bases():
+    from deel.influenciae.utils.conjugate_gradients import _orthonormal_basis  # pylint: disable=C0415,W0212
+    rng = np.random.default_rng(18)
+    well_conditioned = rng.normal(size=(50, 6))
+    basis = _orthonormal_basis(tf.constant(well_conditioned), 1e-7).numpy()  # Cholesky QR path
+    np.testing.assert_allclose(basis.T @ basis, np.eye(6), atol=1e-10)
+    np.testing.assert_allclose(basis @ (basis.T @ well_conditioned), well_conditioned, atol=1e-10)
+    dependent = np.hstack([well_conditioned, well_conditioned[:, :2] @ rng.normal(size=(2, 3))])  # rank 6
+    dependent /= np.linalg.norm(dependent, axis=0)  # unit columns, as in the solver
+    basis = _orthonormal_basis(tf.constant(dependent), 1e-6).numpy()  # eigendecomposition path, drops 3
+    assert basis.shape == (50, 6)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(6), atol=1e-8)
+    np.testing.assert_allclose(basis @ (basis.T @ dependent), dependent, atol=1e-8)

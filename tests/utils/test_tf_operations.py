@@ -438,3 +438,13 @@ def test_map_to_device():
     sums, shifted = dataset_to_tensor(mapped)
     np.testing.assert_allclose(sums.numpy(), inputs.sum(axis=(1, 2)), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(shifted.numpy(), labels + 1)
+
+
+def test_compute_batches_keeps_the_elements_and_switches_autotuning_off():
+    from deel.influenciae.utils.tf_operations import compute_batches  # pylint: disable=import-outside-toplevel
+    dataset = tf.data.Dataset.range(10).map(lambda v: v * 2, num_parallel_calls=tf.data.AUTOTUNE).batch(3)
+    assert dataset.options().autotune.enabled is not False
+    computed = compute_batches(dataset)
+    assert computed.options().autotune.enabled is False
+    assert [batch.numpy().tolist() for batch in computed] == [batch.numpy().tolist() for batch in dataset]
+    assert int(computed.cardinality()) == 4

@@ -12,6 +12,7 @@ with ``model.stateless_call`` so that θ can be differentiated freely, and expos
 
 θ is read from the variables on every call, so the kernels always see the current weights.
 """
+import functools
 import inspect
 import logging
 import warnings
@@ -21,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .gradient_overrides import cheap_second_derivatives
 from .pfor_converters import per_sample_converters
 
 
@@ -49,11 +51,24 @@ class _OwnKernelRetracingFilter(logging.Filter):
 tf.get_logger().addFilter(_OwnKernelRetracingFilter())
 
 
+def _traced_with_overrides(function: Callable) -> Callable:
+    """``function`` running under :func:`cheap_second_derivatives` (so, once compiled, only while it is traced)."""
+
+    @functools.wraps(function)
+    def traced(*args: Any) -> Any:
+        with cheap_second_derivatives():
+            return function(*args)
+
+    return traced
+
+
 class _Compiled:
     """``tf.function`` of a kernel, traced without AutoGraph (it needs none, and tracing is ~40 % faster); if the
-    user's model or loss needs AutoGraph (Python control flow on tensors), it is traced again with it."""
+    user's model or loss needs AutoGraph (Python control flow on tensors), it is traced again with it. Tracing
+    runs under :func:`~.gradient_overrides.cheap_second_derivatives`."""
 
     def __init__(self, function: Callable):
+        function = _traced_with_overrides(function)
         self._plain = tf.function(function, reduce_retracing=True, autograph=False)
         self._autograph = tf.function(function, reduce_retracing=True)
         self._use_autograph = False

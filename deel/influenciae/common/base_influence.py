@@ -22,8 +22,8 @@ import tensorflow as tf
 
 from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
 from ..utils.sorted_dict import ORDER
-from ..utils.tf_operations import (assert_batched_dataset, assert_known_cardinality, dataset_size, get_device,
-                                   map_to_device)
+from ..utils.tf_operations import (assert_batched_dataset, assert_known_cardinality, compute_batches, dataset_size,
+                                   get_device, map_to_device)
 from .model_wrappers import assert_finite
 
 
@@ -99,7 +99,7 @@ class SelfInfluenceCalculator(ABC):
         # Eager loop over batches: the hooks call compiled kernels, and this avoids re-instantiating a
         # tf.data map function per call (a fixed ~0.1 s that dominates on small data).
         with tf.device(get_device(device)):
-            values = [self._compute_influence_value_from_batch(tuple(batch)) for batch in train_set]
+            values = [self._compute_influence_value_from_batch(tuple(batch)) for batch in compute_batches(train_set)]
         if not values:
             raise ValueError("train_set is empty.")
         values = tf.concat(values, axis=0)
@@ -233,7 +233,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         """Compute every influence vector once; return the dataset ``((x, y), vectors)`` built from memory,
         the number of samples and the concatenated vectors."""
         batches, vectors, lengths = [], [], []
-        for batch in train_set:
+        for batch in compute_batches(train_set):
             batches.append(tuple(batch))
             vectors.append(self._compute_influence_vector(tuple(batch)))
             lengths.append(int(_first_dim(batch)))
@@ -337,7 +337,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
         _, _, vectors = self._materialized_influence_vectors(train_set, None)
         rows = [self._estimate_influence_values_from_influence_vector(tuple(batch), vectors)
-                for batch in dataset_to_evaluate]
+                for batch in compute_batches(dataset_to_evaluate)]
         if not rows:
             raise ValueError("dataset_to_evaluate is empty.")
         values = tf.concat(rows, axis=0)

@@ -5,7 +5,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import keras
 import tensorflow as tf
 
-from ..utils.tf_operations import assert_batched_dataset, default_process_batch, from_layer_name_to_layer_idx
+from ..utils.tf_operations import (assert_batched_dataset, compute_batches, default_process_batch,
+                                   from_layer_name_to_layer_idx)
 from .autodiff import LossKernels
 
 ProcessBatchTypeAlias = Callable[[Tuple], Tuple[Any, Any, Optional[tf.Tensor]]]
@@ -128,7 +129,7 @@ class BaseInfluenceModel:
     # Dataset-level helpers (eager) ---------------------------------------------------------------
     def _over_batches(self, dataset: tf.data.Dataset, kernel: Callable, name: str) -> List[tf.Tensor]:
         assert_batched_dataset(dataset, name)
-        results = [kernel(batch) for batch in dataset]
+        results = [kernel(batch) for batch in compute_batches(dataset)]
         if not results:
             raise ValueError(f"{name} is empty.")
         return results
@@ -156,11 +157,16 @@ class BaseInfluenceModel:
         return gradients
 
 
+def non_finite_error(what: str) -> ValueError:
+    """The error raised when ``what`` holds NaN or infinite values."""
+    return ValueError(f"Non-finite values (NaN or inf) found in the {what}; check the model's weights, the "
+                      "inputs and the loss (e.g. log of 0 with from_logits=False).")
+
+
 def assert_finite(tensor: tf.Tensor, what: str) -> None:
     """Raise ``ValueError`` if ``tensor`` holds NaN or infinite values (eager tensors only)."""
     if not bool(tf.reduce_all(tf.math.is_finite(tensor))):
-        raise ValueError(f"Non-finite values (NaN or inf) found in the {what}; check the model's weights, the "
-                         "inputs and the loss (e.g. log of 0 with from_logits=False).")
+        raise non_finite_error(what)
 
 
 def _resolve_index(model: keras.Model, layer: Union[str, int], name: str) -> int:

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.model_wrappers import InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset
+from ..utils.tf_operations import assert_batched_dataset, compute_batches
 from .base_group_influence import BaseGroupInfluenceCalculator
 
 
@@ -98,7 +98,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         test_gradients = self.model.batch_jacobian(dataset_to_evaluate)
         # Read training gradients until there are more of them than test ones: a smaller training set is solved
         # whole; otherwise the test side is solved and the training batches are streamed (memory O(N_test × P)).
-        train_batches = iter(train_set)
+        train_batches = iter(compute_batches(train_set))
         buffered, count = [], 0
         for batch in train_batches:
             buffered.append(self.model.batch_jacobian_tensor(tuple(batch)))

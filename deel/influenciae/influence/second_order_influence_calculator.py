@@ -4,7 +4,7 @@ from typing import Any, Optional, Tuple
 import tensorflow as tf
 
 from ..common.model_wrappers import InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset, dataset_size
+from ..utils.tf_operations import assert_batched_dataset, compute_batches, dataset_size
 from .base_group_influence import BaseGroupInfluenceCalculator
 
 
@@ -60,7 +60,7 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
         """``Σ_{z∈U} g(z)`` (P,) and m = |U| (batches may differ in size)."""
         assert_batched_dataset(group, "group")
         total, size = None, 0
-        for batch in group:
+        for batch in compute_batches(group):
             batch = tuple(batch)
             gradient = self.model.batch_gradient_tensor(batch)
             total = gradient if total is None else total + gradient
@@ -86,7 +86,7 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
     def _compute_pairwise_interactions(self, group: tf.data.Dataset, additive_term: tf.Tensor) -> tf.Tensor:
         """``Π = H⁻¹ (Σ_{u∈U} ∇²ℓ_u) A``: (P, 1), the Hessian of U applied batch-wise (summed HVPs)."""
         group_hvp = None
-        for batch in group:
+        for batch in compute_batches(group):
             product = self.model.batch_hvp_tensor(tuple(batch), additive_term)
             group_hvp = product if group_hvp is None else group_hvp + product
         if group_hvp is None:

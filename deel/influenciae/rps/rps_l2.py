@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from ..utils.backtracking_line_search import BacktrackingLineSearch
 from ..utils.conjugate_gradients import conjugate_gradients_solve
-from ..utils.tf_operations import assert_batched_dataset
+from ..utils.tf_operations import assert_batched_dataset, compute_batches
 from .base_representer_point import BaseRepresenterPoint
 
 _PROBABILISTIC_LOSSES = (keras.losses.CategoricalCrossentropy, keras.losses.SparseCategoricalCrossentropy,
@@ -123,7 +123,7 @@ class RepresenterPointL2(BaseRepresenterPoint):
     def _training_features(self) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Features (n, D) and original logits (n, C) in float64, and the labels, of the whole training set."""
         features, logits, labels = [], [], []
-        for batch in self.train_set:
+        for batch in compute_batches(self.train_set):
             z = self._features(batch[0])
             features.append(tf.cast(z, tf.float64))
             logits.append(tf.cast(self._original_logits(z), tf.float64))

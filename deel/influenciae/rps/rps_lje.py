@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from ..common.ihvp_factory import ExactIHVPFactory, InverseHessianVectorProductFactory
 from ..common.model_wrappers import InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset
+from ..utils.tf_operations import assert_batched_dataset, compute_batches
 from .base_representer_point import BaseRepresenterPoint
 
 
@@ -87,7 +87,7 @@ class RepresenterPointLJE(BaseRepresenterPoint):
     def _feature_dataset_tensors(self) -> Tuple[tf.Tensor, tf.Tensor, int]:
         """Features and labels of every training sample, and the first batch size."""
         features, labels, batch_size = [], [], None
-        for batch in self.train_set:
+        for batch in compute_batches(self.train_set):
             inputs, targets, _ = self.process_batch_for_loss_fn(tuple(batch))
             features.append(self._features(inputs))
             labels.append(targets)
@@ -99,7 +99,7 @@ class RepresenterPointLJE(BaseRepresenterPoint):
     def _perturb_head(self) -> None:
         """``W' = W + η Σ_i g_i(W)`` over the Hessian samples."""
         total = tf.zeros((self.head_model.nb_params,), self.head_model.dtype)
-        for batch in self.hessian_dataset:
+        for batch in compute_batches(self.hessian_dataset):
             total += self.head_model.batch_gradient_tensor(batch)
         assert_finite(total, "gradients of the head")
         kernel = self.perturbed_head.layers[-1].kernel

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset, default_process_batch
+from ..utils.tf_operations import assert_batched_dataset, compute_batches, default_process_batch
 
 
 def _broadcast_learning_rates(learning_rates: Union[float, Sequence[float]], nb_models: int) -> Tuple[float, ...]:
@@ -119,11 +119,11 @@ class TracIn(BaseInfluenceCalculator):
         """
         assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
         assert_batched_dataset(train_set, "train_set")
-        test_parts = [self._checkpoint_gradients(tuple(batch)) for batch in dataset_to_evaluate]
+        test_parts = [self._checkpoint_gradients(tuple(batch)) for batch in compute_batches(dataset_to_evaluate)]
         if not test_parts:
             raise ValueError("dataset_to_evaluate is empty.")
         test_gradients = [tf.concat(parts, axis=0) for parts in zip(*test_parts)]
-        columns = [self._pairwise_block(test_gradients, tuple(batch)) for batch in train_set]
+        columns = [self._pairwise_block(test_gradients, tuple(batch)) for batch in compute_batches(train_set)]
         if not columns:
             raise ValueError("train_set is empty.")
         values = tf.concat(columns, axis=1)

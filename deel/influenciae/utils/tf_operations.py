@@ -8,6 +8,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+_NO_AUTOTUNE = tf.data.Options()
+_NO_AUTOTUNE.autotune.enabled = False
+
 
 # --------------------------------------------------------------------------------------------------
 # Layers
@@ -263,6 +266,15 @@ def dataset_size(dataset: tf.data.Dataset) -> int:
     count = dataset.reduce(tf.constant(0, tf.int64),
                            lambda total, batch: total + tf.shape(_first_tensor(batch), out_type=tf.int64)[0])
     return int(count.numpy())
+
+
+def compute_batches(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``dataset`` with tf.data's autotuning switched off, for loops that run heavy compiled kernels on each batch.
+
+    While such a loop iterates, the autotuning thread competes with the kernels for the CPU: on 2 cores it made
+    an exact Hessian (digits MLP, P = 2,410) take 620 ms instead of 370 ms in about half of the runs.
+    """
+    return dataset.with_options(_NO_AUTOTUNE)
 
 
 def default_process_batch(batch: Tuple) -> Tuple[Any, Any, Optional[tf.Tensor]]:
