@@ -153,7 +153,10 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
         return [tf.reshape(part, shape) for part, shape in zip(parts, self.shapes)]
 
     def _losses_at(self, theta: tf.Tensor, inputs: Any, targets: Any, sample_weight: Any) -> tf.Tensor:
-        values = self.unflatten(theta)
+        return self.losses_of(self.unflatten(theta), inputs, targets, sample_weight)
+
+    def losses_of(self, values: List[tf.Tensor], inputs: Any, targets: Any, sample_weight: Any) -> tf.Tensor:
+        """Per-sample losses (B,) with the watched weights replaced by ``values`` (shaped like the weights)."""
 
         def pick(variables, slots):
             return [values[slot] if slot is not None else variable.value for variable, slot in zip(variables, slots)]

@@ -116,10 +116,10 @@ _compiled_triangular_solve = compile_function(blocked_triangular_solve)
 @tf.function(reduce_retracing=True, autograph=False)
 def _symmetrized_mean(total: tf.Tensor, count: tf.Tensor, regularization: tf.Tensor,
                       dtype: tf.DType) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """From a float64 (P, P) sum T: the mean ``H = (T + Tᵀ) / (2 count)`` in float64, ``H + λI`` in float64,
-    H in ``dtype``, and whether H is finite."""
-    mean = (total + tf.transpose(total)) * (0.5 / count)
-    damped = tf.linalg.set_diag(mean, tf.linalg.diag_part(mean) + regularization)
+    """From a (P, P) sum T: the mean ``H = (T + Tᵀ) / (2 count)`` and ``H + λI`` in the precision of T, H in
+    ``dtype``, and whether H is finite."""
+    mean = (total + tf.transpose(total)) * tf.cast(0.5 / count, total.dtype)
+    damped = tf.linalg.set_diag(mean, tf.linalg.diag_part(mean) + tf.cast(regularization, total.dtype))
     return mean, damped, tf.cast(mean, dtype), tf.reduce_all(tf.math.is_finite(mean))
 
 
@@ -146,20 +146,20 @@ def _condition_estimate(matrix: tf.Tensor, factor: tf.Tensor) -> float:
     return float(top / bottom) if float(bottom) > 0 else float("inf")
 
 
-def _damped_cholesky(damped64: tf.Tensor, dtype: tf.DType) -> Optional[tf.Tensor]:
-    """Cholesky factor of the float64 ``H + λI`` (P, P), or ``None`` when it is not positive definite.
+def _damped_cholesky(damped: tf.Tensor, dtype: tf.DType) -> Optional[tf.Tensor]:
+    """Cholesky factor of ``H + λI`` (P, P), or ``None`` when it is not positive definite.
 
     The factorisation runs in ``dtype`` when that is a lower precision and the matrix is well conditioned enough
     for it (condition estimate × eps <= ``FACTOR_ACCURACY``), since it costs about half as much as in float64
     (P = 2,410: 125 ms vs 233 ms); otherwise in float64.
     """
     if dtype != tf.float64:
-        damped = tf.cast(damped64, dtype)
-        factor = _checked_cholesky(damped)
+        damped_low = tf.cast(damped, dtype)
+        factor = _checked_cholesky(damped_low)
         epsilon = float(np.finfo(dtype.as_numpy_dtype).eps)  # pylint: disable=no-member
-        if factor is not None and _condition_estimate(damped, factor) * epsilon <= FACTOR_ACCURACY:
+        if factor is not None and _condition_estimate(damped_low, factor) * epsilon <= FACTOR_ACCURACY:
             return factor
-    return _checked_cholesky(damped64)
+    return _checked_cholesky(tf.cast(damped, tf.float64))
 
 
 def _checked_cholesky(matrix: tf.Tensor) -> Optional[tf.Tensor]:
@@ -175,7 +175,8 @@ class ExactIHVP(InverseHessianVectorProduct):
     """Exact inverse-Hessian-vector products from the full mean Hessian.
 
     The Hessian is accumulated batch by batch as the Jacobian of the gradient of each batch's summed loss
-    (one P×P matrix per batch, summed in float64), divided by the number of samples and symmetrised. With
+    (one P×P matrix per batch, summed in float64 when there are several), divided by the number of samples and
+    symmetrised. With
     ``λ > 0`` and ``H + λI`` positive definite, ``H + λI = L Lᵀ`` (Cholesky), factorised in the model's dtype when
     its estimated condition number allows it (condition × machine epsilon <= ``FACTOR_ACCURACY`` = 1e-5) and in
     float64 otherwise, and vectors are solved with the triangular factor (two blocked triangular solves in the
@@ -245,21 +246,21 @@ class ExactIHVP(InverseHessianVectorProduct):
                                  f"{tuple(total.shape)}.")
         else:
             total, count = self._summed_hessian(train_dataset)
-        hessian64, damped64, self.hessian, finite = _symmetrized_mean(
+        mean, damped, self.hessian, finite = _symmetrized_mean(
             total, tf.constant(count, tf.float64), tf.constant(regularization, tf.float64), model.dtype)
         if not bool(finite):
             raise non_finite_error("Hessian")
         if rcond is None:
             rcond = 10.0 * nb_params * float(np.finfo(model.dtype.as_numpy_dtype).eps)  # pylint: disable=no-member
         self.rcond = float(rcond)
-        self._hessian64 = hessian64
+        self._mean_hessian = mean  # in the precision of the accumulation
         self._eigenvalues = None
-        factor = _damped_cholesky(damped64, model.dtype) if regularization > 0 else None
+        factor = _damped_cholesky(damped, model.dtype) if regularization > 0 else None
         self.cholesky_factor = None if factor is None else tf.cast(factor, model.dtype)
         self.factor_dtype = None if factor is None else factor.dtype
         self._factor = factor
         self._inverse = None if factor is not None else \
-            tf.cast(self._spectral_inverse(hessian64, regularization), model.dtype)
+            tf.cast(self._spectral_inverse(tf.cast(mean, tf.float64), regularization), model.dtype)
 
     @property
     def inv_hessian(self) -> tf.Tensor:
@@ -284,19 +285,19 @@ class ExactIHVP(InverseHessianVectorProduct):
     def eigenvalues(self) -> tf.Tensor:
         """(P,) eigenvalues of the mean Hessian (undamped), float64, ascending (computed on first access)."""
         if self._eigenvalues is None:
-            self._eigenvalues = tf.linalg.eigvalsh(self._hessian64)
+            self._eigenvalues = tf.linalg.eigvalsh(tf.cast(self._mean_hessian, tf.float64))
         return self._eigenvalues
 
     def _summed_hessian(self, dataset: tf.data.Dataset) -> Tuple[tf.Tensor, int]:
-        """Sum over the dataset of the per-batch summed-loss Hessians, accumulated in float64 (P, P), and the
-        number of samples."""
+        """Sum over the dataset of the per-batch summed-loss Hessians (P, P), and the number of samples. A single
+        batch's Hessian is returned as computed (model dtype); several are accumulated in float64."""
         total = None
         count = 0
         if self.hessian_batch_size:
             dataset = dataset.rebatch(self.hessian_batch_size)
         for batch in compute_batches(dataset):
-            batch_hessian = tf.cast(self.model.batch_hessian_tensor(batch), tf.float64)
-            total = batch_hessian if total is None else total + batch_hessian
+            batch_hessian = self.model.batch_hessian_tensor(batch)
+            total = batch_hessian if total is None else tf.cast(total, tf.float64) + tf.cast(batch_hessian, tf.float64)
             count += int(tf.shape(tf.nest.flatten(batch)[0])[0])
         if count == 0:
             raise ValueError("train_dataset is empty.")

@@ -8,6 +8,7 @@ import tensorflow as tf
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
 from ..utils.tf_operations import assert_batched_dataset, compute_batches, default_process_batch
+from .factored import factored_tracin_kernels
 
 
 def _broadcast_learning_rates(learning_rates: Union[float, Sequence[float]], nb_models: int) -> Tuple[float, ...]:
@@ -72,6 +73,8 @@ class TracIn(BaseInfluenceCalculator):
         self.learning_rates = _broadcast_learning_rates(learning_rates, len(models))
         self.dtype = dtypes.pop()
         self._scales = [tf.constant(np.sqrt(rate), self.dtype) for rate in self.learning_rates]
+        self._rates = tf.constant(self.learning_rates, self.dtype)
+        self._factored = factored_tracin_kernels(models)
         self.nb_params = sum(model.nb_params for model in models)
 
     @classmethod
@@ -93,6 +96,19 @@ class TracIn(BaseInfluenceCalculator):
         kernel belongs to its InfluenceModel, so new TracIn objects on the same models trace nothing."""
         return [model.batch_jacobian_tensor(samples) for model in self.models]
 
+    def _factored_columns(self, test_batches: List[Tuple], train_set: tf.data.Dataset) -> Optional[List[tf.Tensor]]:
+        """The (N_test, B) blocks of the pairwise matrix, one per training batch, from factored dense gradients (no
+        (B, P) gradient is formed); None when the checkpoints watch other weights."""
+        if self._factored is None:
+            return None
+        columns = []
+        for batch in compute_batches(train_set):
+            blocks = [self._factored.pairwise(test_batch, tuple(batch), self._rates) for test_batch in test_batches]
+            if any(block is None for block in blocks):
+                return None
+            columns.append(blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0))
+        return columns
+
     def _pairwise_block(self, test_gradients: List[tf.Tensor], train_samples: Tuple) -> tf.Tensor:
         """``Σ_k lr_k g_k(t)·g_k(z)`` for the test gradients of every checkpoint and a training batch: (B_t, B)."""
         return tf.add_n([tf.matmul(tf.cast(rate, self.dtype) * test, train, transpose_b=True)
@@ -101,6 +117,9 @@ class TracIn(BaseInfluenceCalculator):
 
     def _self_values(self, samples: Tuple) -> tf.Tensor:
         """``Σ_k lr_k ||g_k(z)||²``: (B,)."""
+        factored = None if self._factored is None else self._factored.squared_norms(samples, self._rates)
+        if factored is not None:
+            return factored
         return tf.add_n([tf.cast(rate, self.dtype) * tf.reduce_sum(tf.square(gradients), axis=1)
                          for rate, gradients in zip(self.learning_rates, self._checkpoint_gradients(samples))])
 
@@ -119,11 +138,14 @@ class TracIn(BaseInfluenceCalculator):
         """
         assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
         assert_batched_dataset(train_set, "train_set")
-        test_parts = [self._checkpoint_gradients(tuple(batch)) for batch in compute_batches(dataset_to_evaluate)]
-        if not test_parts:
+        test_batches = [tuple(batch) for batch in compute_batches(dataset_to_evaluate)]
+        if not test_batches:
             raise ValueError("dataset_to_evaluate is empty.")
-        test_gradients = [tf.concat(parts, axis=0) for parts in zip(*test_parts)]
-        columns = [self._pairwise_block(test_gradients, tuple(batch)) for batch in compute_batches(train_set)]
+        columns = self._factored_columns(test_batches, train_set)
+        if columns is None:  # some checkpoint watches weights that are not dense kernels or biases
+            test_gradients = [tf.concat(parts, axis=0)
+                              for parts in zip(*[self._checkpoint_gradients(batch) for batch in test_batches])]
+            columns = [self._pairwise_block(test_gradients, tuple(batch)) for batch in compute_batches(train_set)]
         if not columns:
             raise ValueError("train_set is empty.")
         values = tf.concat(columns, axis=1)

@@ -98,21 +98,23 @@ _CHOLESKY_QR_MIN_PIVOT = 1e-2
 
 def _orthonormal_basis(block: tf.Tensor, cutoff: float) -> tf.Tensor:
     """Basis (P, r) of the column span of ``block`` (P, K), orthonormal up to rounding, keeping only the
-    directions whose singular value exceeds ``cutoff`` (r = 0 when none does). The (K, K) Gram matrix is formed
-    in float64. When its Cholesky factor shows every column at a distance above ``_CHOLESKY_QR_MIN_PIVOT`` from
-    the span of the columns before it (the usual case: a well-conditioned block), the basis is ``block R⁻ᵀ``
-    (Cholesky QR, a few ms); otherwise the Gram matrix is eigen-decomposed (~40 ms at K = 479) and the
-    directions of singular value at most ``cutoff`` are dropped.
+    directions whose singular value exceeds ``cutoff`` (r = 0 when none does). When the Cholesky factor of the
+    (K, K) Gram matrix (formed in the block's precision) shows every column at a distance above
+    ``_CHOLESKY_QR_MIN_PIVOT`` from the span of the columns before it (the usual case: a well-conditioned
+    block), the basis is ``block R⁻ᵀ``
+    (Cholesky QR, a few ms); otherwise the Gram matrix is formed again in float64 and eigen-decomposed (~40 ms at
+    K = 479), and the directions of singular value at most ``cutoff`` are dropped.
     """
-    block64 = tf.cast(block, tf.float64)
-    gram = tf.matmul(block64, block64, transpose_a=True)
+    # The Cholesky QR test tolerates the rounding of a Gram matrix in the block's precision (pivots >= 1e-2).
+    gram = tf.cast(tf.matmul(block, block, transpose_a=True), tf.float64)
     factor = tf.linalg.cholesky(gram)
     pivots = tf.linalg.diag_part(factor)
     if bool(tf.reduce_all(tf.math.is_finite(factor))) and bool(tf.reduce_min(pivots) > _CHOLESKY_QR_MIN_PIVOT):
         # Q = Z R⁻ᵀ with R = factor (lower): Qᵀ Q = R⁻¹ (Zᵀ Z) R⁻ᵀ = I.
         inverse_factor = tf.linalg.triangular_solve(factor, tf.eye(tf.shape(factor)[0], dtype=tf.float64))
         return tf.matmul(block, tf.cast(inverse_factor, block.dtype), transpose_b=True)
-    eigenvalues, eigenvectors = tf.linalg.eigh(gram)
+    block64 = tf.cast(block, tf.float64)  # rank detection at the cut-off needs a float64 Gram matrix
+    eigenvalues, eigenvectors = tf.linalg.eigh(tf.matmul(block64, block64, transpose_a=True))
     keep = eigenvalues > cutoff ** 2
     if not bool(tf.reduce_any(keep)):
         return block[:, :0]

@@ -1,0 +1,98 @@
+"""Factored per-sample gradients of dense layers against per-sample tapes, and their fallbacks."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deel.influenciae.common import InfluenceModel
+from deel.influenciae.common.dense_factors import dense_factors_of, factored_gram, factored_squared_norms
+from deel.influenciae.trac_in import TracIn
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+
+def per_sample_tapes(model, x, y):
+    """Ground truth: one GradientTape per sample, flattened like the library's layout."""
+    rows = []
+    for sample_x, sample_y in zip(x, y):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(LOSS(sample_y[None], model(sample_x[None], training=False)))
+        rows.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(value, model.trainable_variables)]))
+    return np.stack(rows).astype(np.float64)
+
+
+def mlp(seed, sizes=(5, 4, 3)):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((sizes[0],))]
+    layers += [keras.layers.Dense(width, activation="tanh") for width in sizes[1:-1]]
+    return keras.Sequential(layers + [keras.layers.Dense(sizes[-1])])
+
+
+def test_factored_products_match_per_sample_tapes():
+    model = mlp(0, (5, 6, 4, 3))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(9, 5)).astype(np.float32), rng.integers(0, 3, 9)
+    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)(
+        (tf.constant(x), tf.constant(y)))
+    assert factors is not None and len(factors) == 6  # 3 kernels and 3 biases
+    gradients = per_sample_tapes(model, x, y)
+    scales = tf.constant([0.5])
+    np.testing.assert_allclose(factored_gram([factors], [factors[:]], scales).numpy(), 0.5 * gradients @ gradients.T,
+                               rtol=1e-5, atol=1e-6 * np.abs(gradients @ gradients.T).max())
+    np.testing.assert_allclose(factored_squared_norms([factors], scales).numpy(), 0.5 * (gradients ** 2).sum(1),
+                               rtol=1e-5)
+
+
+def sequence_model():
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((6, 5)), keras.layers.Dense(4, activation="tanh"), keras.layers.Flatten(),
+                             keras.layers.Dense(3)])
+
+
+def shared_layer_model():
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((5,))
+    shared = keras.layers.Dense(5, activation="tanh")
+    return keras.Model(inputs, keras.layers.Dense(3)(shared(shared(inputs))))
+
+
+def conv_model():
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3), keras.layers.Flatten(),
+                             keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("build, shape", [(sequence_model, (6, 5)), (shared_layer_model, (5,)),
+                                          (conv_model, (6, 6, 2))])
+def test_other_structures_are_reported_unsupported(build, shape):
+    """Dense on sequences (rows are not samples), a weight used twice, convolutions: no factors."""
+    model = build()
+    rng = np.random.default_rng(4)
+    batch = (tf.constant(rng.normal(size=(4,) + shape).astype(np.float32)), tf.constant(rng.integers(0, 3, 4)))
+    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)
+    assert factors(batch) is None and not factors.supported
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_tracin_matrix_and_self_influence_match_per_sample_tapes(factored):
+    """TracIn over two checkpoints: the factored path (MLP) and the materialised one (a convolution) both give
+    Σ_k lr_k g_k(t)·g_k(z) and Σ_k lr_k ||g_k(z)||² of per-sample tapes."""
+    rng = np.random.default_rng(5)
+    shape = (5,) if factored else (6, 6, 2)
+    models = [mlp(seed) if factored else conv_model() for seed in (6, 7)]
+    if not factored:
+        models[1].set_weights([w * 1.1 for w in models[0].get_weights()])
+    x_train, y_train = rng.normal(size=(11,) + shape).astype(np.float32), rng.integers(0, 3, 11)
+    x_test, y_test = rng.normal(size=(4,) + shape).astype(np.float32), rng.integers(0, 3, 4)
+    rates = [0.3, 0.05]
+    tracin = TracIn([InfluenceModel(m, start_layer=0, last_layer=-1, loss_function=LOSS) for m in models], rates)
+    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(4)
+    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(3)
+    expected_matrix = sum(rate * per_sample_tapes(m, x_test, y_test) @ per_sample_tapes(m, x_train, y_train).T
+                          for rate, m in zip(rates, models))
+    expected_self = sum(rate * (per_sample_tapes(m, x_train, y_train) ** 2).sum(1) for rate, m in zip(rates, models))
+    matrix = tracin.estimate_influence_values_matrix(test, train).numpy()
+    np.testing.assert_allclose(matrix, expected_matrix, rtol=1e-4, atol=1e-5 * np.abs(expected_matrix).max())
+    np.testing.assert_allclose(tracin._compute_influence_values(train).numpy()[:, 0],  # pylint: disable=W0212
+                               expected_self, rtol=1e-4)
+    assert tracin._factored.supported is factored  # pylint: disable=protected-access
