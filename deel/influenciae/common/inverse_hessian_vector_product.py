@@ -322,12 +322,16 @@ class ExactIHVP(InverseHessianVectorProduct):
         return tf.matmul(self.hessian, tf.cast(vectors, self.hessian.dtype))
 
 
+# Budget of the default HVP chunk, in floats of activations (2²⁶ floats: 256 MiB in float32).
+HVP_CHUNK_FLOATS = 2 ** 26
+
+
 class ForwardOverBackwardHVP:
     """Mean Hessian-vector products over a dataset, without forming the Hessian.
 
     The dataset is gathered in memory once; each call then walks it in chunks inside one compiled loop. Per
-    chunk, the product of the Hessian of the chunk's summed loss with all K vectors is obtained by
-    differentiating ``Vᵀ ∇L`` (double backward, vectorized over the K vectors); the sum over chunks is divided
+    chunk, the product of the Hessian of the chunk's summed loss with each of the K vectors is one more backward
+    pass through the chunk's gradient (double backward, in a loop over the K vectors); the sum over chunks is divided
     by the number of samples.
 
     Parameters
@@ -339,7 +343,9 @@ class ForwardOverBackwardHVP:
     weights
         Accepted for compatibility; must be ``None`` or the model's watched weights.
     chunk_size
-        Samples per chunk (default: the larger of the dataset's first batch size and 256). Larger chunks are
+        Samples per chunk (default: the larger of the dataset's first batch size and ``HVP_CHUNK_FLOATS / (64 ×
+        input floats per sample)``, at most the dataset: the whole digits set, 1,437 samples of 64 features, is one
+        chunk; 32 × 32 × 3 images give chunks of 341). Larger chunks are
         faster and use more memory for activations.
     """
 
@@ -358,7 +364,14 @@ class ForwardOverBackwardHVP:
         self.samples = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
         self.nb_samples = int(tf.shape(tf.nest.flatten(self.samples)[0])[0])
         first_batch = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
-        self.chunk_size = int(chunk_size) if chunk_size else max(first_batch, 256)
+        self.chunk_size = int(chunk_size) if chunk_size else max(first_batch, self._memory_chunk())
+
+    def _memory_chunk(self) -> int:
+        """Samples per chunk allowed by a memory estimate from the input size (activations taken as 64 times the
+        inputs), within [1, N]."""
+        floats_per_sample = sum(int(np.prod(tensor.shape[1:])) for tensor in tf.nest.flatten(self.samples)
+                                if tensor.dtype.is_floating)
+        return int(min(self.nb_samples, max(1, HVP_CHUNK_FLOATS // (64 * max(1, floats_per_sample)))))
 
     def _mean_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
         return self.kernels.chunked_mean_hvp(self.samples, vectors, tf.constant(self.chunk_size))
