@@ -240,8 +240,8 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return index + 1, products.write(index, product)
 
-        _, products = tf.while_loop(lambda index, _: index < count, column,
-                                    (tf.constant(0), tf.TensorArray(theta.dtype, size=count, element_shape=theta.shape)))
+        products = tf.TensorArray(theta.dtype, size=count, element_shape=theta.shape)
+        _, products = tf.while_loop(lambda index, _: index < count, column, (tf.constant(0), products))
         return tf.ensure_shape(tf.transpose(products.stack()), vectors.shape)
 
     def chunked_mean_hvp_eager(self, samples: Tuple, vectors: tf.Tensor, chunk_size: tf.Tensor) -> tf.Tensor:
