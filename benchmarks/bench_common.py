@@ -2,7 +2,7 @@
 fallback) and the plain forward + backward pass that per-sample gradients are compared with."""
 import resource
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import keras
 import tensorflow as tf
@@ -36,6 +36,27 @@ def ru_maxrss_kib() -> int:
     """Peak resident set size of this process so far, in KiB (``ru_maxrss`` is in bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // KIB if sys.platform == "darwin" else peak
+
+
+class PeakMemory:
+    """Context manager measuring how much the resident set grew at its peak during the block (``delta_mib``), with
+    the kernel's high-water mark reset at entry (Linux); elsewhere the growth of ``ru_maxrss``."""
+
+    def __init__(self):
+        self.delta_mib = 0.0
+        self._start_kib = 0
+        self._per_block = False
+
+    def __enter__(self) -> "PeakMemory":
+        self._per_block = reset_peak_rss() and proc_status_kib("VmHWM") is not None
+        current = proc_status_kib("VmRSS") if self._per_block else None
+        self._start_kib = current if current is not None else ru_maxrss_kib()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        peak = proc_status_kib("VmHWM") if self._per_block else None
+        peak = peak if peak is not None else ru_maxrss_kib()
+        self.delta_mib = max(peak - self._start_kib, 0) / KIB
 
 
 def plain_step(model: keras.Model, loss_function: Callable) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:

@@ -44,7 +44,7 @@ from deel.influenciae.common import (ConjugateGradientDescentIHVP,  # pylint: di
                                      ExactIHVP, InfluenceModel)
 from deel.influenciae.influence import FirstOrderInfluenceCalculator  # pylint: disable=no-name-in-module
 from deel.influenciae.utils.sorted_dict import ORDER  # pylint: disable=no-name-in-module
-from bench_common import plain_step, proc_status_kib, reset_peak_rss, ru_maxrss_kib  # pylint: disable=C0411
+from bench_common import PeakMemory, plain_step, ru_maxrss_kib  # pylint: disable=C0411
 
 N_TRAIN = 1437
 N_TEST = 100
@@ -55,26 +55,6 @@ KIB = 1024
 
 
 # -------- Measurement -------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Context manager measuring how much the resident set grew at its peak during the block (MiB)."""
-
-    def __init__(self):
-        self.delta_mib = 0.0
-        self._start_kib = 0
-        self._per_stage = False
-
-    def __enter__(self) -> "PeakMemory":
-        self._per_stage = reset_peak_rss() and proc_status_kib("VmHWM") is not None
-        current = proc_status_kib("VmRSS") if self._per_stage else None
-        self._start_kib = current if current is not None else ru_maxrss_kib()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        peak = proc_status_kib("VmHWM") if self._per_stage else None
-        peak = peak if peak is not None else ru_maxrss_kib()
-        self.delta_mib = max(peak - self._start_kib, 0) / KIB
-
-
 @dataclass
 class StageResult:
     """Timings (seconds) and memory growth of one benchmarked stage."""

@@ -108,7 +108,7 @@ from deel.influenciae.common.inverse_hessian_vector_product import (  # pylint: 
 from deel.influenciae.influence import (ArnoldiInfluenceCalculator,  # pylint: disable=no-name-in-module
                                         FirstOrderInfluenceCalculator)
 from deel.influenciae.trac_in import TracIn  # pylint: disable=no-name-in-module
-from bench_common import plain_step, proc_status_kib, reset_peak_rss, ru_maxrss_kib  # pylint: disable=C0411
+from bench_common import PeakMemory, plain_step, proc_status_kib, ru_maxrss_kib  # pylint: disable=C0411
 
 METHODS = ("psg", "exact", "cg", "arnoldi", "tracin")
 SWEEPS = ("N", "P", "ratio")
@@ -148,25 +148,6 @@ def current_rss_mib() -> float:
     """Resident set size now (MiB); falls back to the peak where ``/proc`` is missing."""
     current = proc_status_kib("VmRSS")
     return current / KIB if current is not None else ru_maxrss_mib()
-
-
-class StageMemory:
-    """Peak growth of the resident set over the block (MiB), with the kernel's high-water mark reset at entry."""
-
-    def __init__(self):
-        self.start_mib = 0.0
-        self.delta_mib = 0.0
-        self.exact = False
-
-    def __enter__(self) -> "StageMemory":
-        self.exact = reset_peak_rss() and proc_status_kib("VmHWM") is not None
-        self.start_mib = current_rss_mib() if self.exact else ru_maxrss_mib()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        peak = proc_status_kib("VmHWM") if self.exact else None
-        peak_mib = peak / KIB if peak is not None else ru_maxrss_mib()
-        self.delta_mib = max(peak_mib - self.start_mib, 0.0)
 
 
 # -------- Timing -------------------------------------------------------------------------------------------------
@@ -363,7 +344,7 @@ def method_psg(problem: Problem, spec: Dict[str, Any]) -> Dict[str, Any]:
     plain = plain_pass(step, batches)
     warmup, _ = timed(lambda: (streamed_jacobians(problem.influence_model, warm_batches)(),
                                plain_pass(step, warm_batches)()))
-    with StageMemory() as memory:
+    with PeakMemory() as memory:
         medians = interleaved_medians({"psg": streamed, "fwd+bwd": plain}, spec["repeats"])
     ratio = medians["psg"] / medians["fwd+bwd"]
     return {"times": medians, "time_s": medians["psg"], "first_s": None, "warmup_s": warmup,
@@ -382,7 +363,7 @@ def method_exact(problem: Problem, spec: Dict[str, Any]) -> Dict[str, Any]:
     warmup, _ = timed(lambda: self_influence(FirstOrderInfluenceCalculator(im, problem.warm_ds,
                                                                            ihvp_calculator=warm_ihvp),
                                              problem.warm_ds))
-    with StageMemory() as memory:
+    with PeakMemory() as memory:
         build, ihvp = first_then_warm(lambda: ExactIHVP(im, train_ds, regularization=REGULARIZATION),
                                       spec["second_call_s"])
         calculator = FirstOrderInfluenceCalculator(im, train_ds, ihvp_calculator=ihvp)
@@ -434,7 +415,7 @@ def method_cg(problem: Problem, spec: Dict[str, Any]) -> Dict[str, Any]:
         return {"status": "skipped", "note": reason, "stored_bytes": stored}
     iterations = spec["cg_iters"]
     warmup, _ = timed(lambda: warm_gradient_kernels(problem))
-    with StageMemory() as memory:
+    with PeakMemory() as memory:
         build, calculator = timed(lambda: cg_calculator(problem, problem.train_ds, iterations))
         pairs, _ = first_then_warm(lambda: calculator.estimate_influence_values_matrix(problem.test_ds,
                                                                                        problem.train_ds),
@@ -465,7 +446,7 @@ def method_arnoldi(problem: Problem, spec: Dict[str, Any]) -> Dict[str, Any]:
         return {"status": "skipped", "note": f"P < subspace_dim={ARNOLDI_SUBSPACE}"}
     stored = 4 * problem.n_train * (ARNOLDI_K + problem.n_test + INPUT_DIM + 1)
     warmup, _ = timed(lambda: warm_gradient_kernels(problem))
-    with StageMemory() as memory:
+    with PeakMemory() as memory:
         build, calculator = timed(lambda: arnoldi_calculator(problem, problem.train_ds))
         pairs, _ = first_then_warm(lambda: calculator.estimate_influence_values_matrix(problem.test_ds,
                                                                                        problem.train_ds),
@@ -481,7 +462,7 @@ def method_tracin(problem: Problem, spec: Dict[str, Any]) -> Dict[str, Any]:
     stored = 4 * problem.n_test * (int(tracin.nb_params) + problem.n_train)
     warmup, _ = timed(lambda: (self_influence(tracin, problem.warm_ds),
                                tracin.estimate_influence_values_matrix(problem.test_ds, problem.warm_ds)))
-    with StageMemory() as memory:
+    with PeakMemory() as memory:
         values, _ = first_then_warm(lambda: self_influence(tracin, problem.train_ds), spec["second_call_s"])
         pairs, _ = first_then_warm(lambda: tracin.estimate_influence_values_matrix(problem.test_ds,
                                                                                    problem.train_ds),

@@ -265,7 +265,7 @@ def test_exact_cholesky_solves_quadratic_form_and_lazy_inverse(regularization):
 def test_exact_factor_precision_follows_the_condition_number():
     """float32 models: the damped Hessian is factorised in float32 when well conditioned (estimate × eps small) and
     in float64 otherwise; both answer like a float64 solve to the accuracy their precision allows."""
-    from deel.influenciae.common.inverse_hessian_vector_product import _condition_estimate  # pylint: disable=C0415
+    from deel.influenciae.utils.linear_algebra import condition_estimate  # pylint: disable=C0415
     model, _, _, _ = _toy(all_layers=True)
     rng = np.random.default_rng(21)
     rotation, _ = np.linalg.qr(rng.normal(size=(model.nb_params, model.nb_params)))
@@ -278,7 +278,7 @@ def test_exact_factor_precision_follows_the_condition_number():
         assert ihvp.cholesky_factor.dtype == model.dtype
         solved = ihvp.apply_inverse(vectors.astype(np.float32)).numpy()
         assert _relative_error(solved, np.linalg.solve(hessian, vectors)) < tolerance
-        estimate = _condition_estimate(tf.constant(hessian), tf.linalg.cholesky(tf.constant(hessian)))
+        estimate = condition_estimate(tf.constant(hessian), tf.linalg.cholesky(tf.constant(hessian)))
         assert 0.5 * spectrum[-1] / spectrum[0] <= estimate <= 1.0001 * spectrum[-1] / spectrum[0]
 
 

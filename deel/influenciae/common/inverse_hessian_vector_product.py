@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..utils.conjugate_gradients import KrylovBasis, block_conjugate_gradients_solve, conjugate_gradients_solve
-from ..utils.linear_algebra import blocked_cholesky_solve, blocked_triangular_solve
+from ..utils.linear_algebra import blocked_cholesky_solve, blocked_triangular_solve, damped_cholesky
 from ..utils.tf_operations import (assert_batched_dataset, assert_known_cardinality, compute_batches,
                                    split_model_shared)
 from .autodiff import compile_function
@@ -123,68 +123,18 @@ def _symmetrized_mean(total: tf.Tensor, count: tf.Tensor, regularization: tf.Ten
     return mean, damped, tf.cast(mean, dtype), tf.reduce_all(tf.math.is_finite(mean))
 
 
-# A factor in the model's (lower) precision is kept when the estimated condition number times its machine epsilon is
-# at most this (float32: condition number up to ~170, relative errors of solves ~1e-5 at worst); otherwise float64.
-FACTOR_ACCURACY = 1e-5
-_CONDITION_ITERATIONS = 6
-
-
-def _condition_estimate(matrix: tf.Tensor, factor: tf.Tensor) -> float:
-    """Estimate of the condition number of the SPD ``matrix`` (P, P) from its Cholesky ``factor``: power iteration
-    for the largest eigenvalue, inverse iteration (two triangular solves per step) for the smallest. Both start
-    from a fixed vector; the estimate is, up to convergence, a lower bound of the condition number."""
-    start = tf.cast(tf.math.cos(tf.range(tf.shape(matrix)[0], dtype=tf.float32) * 0.618)[:, None] + 1.5,
-                    matrix.dtype)
-    largest = smallest = start / tf.norm(start)
-    for _ in range(_CONDITION_ITERATIONS):
-        largest = tf.matmul(matrix, largest)
-        largest /= tf.norm(largest)
-        smallest = tf.linalg.cholesky_solve(factor, smallest)
-        smallest /= tf.norm(smallest)
-    top = tf.reduce_sum(largest * tf.matmul(matrix, largest))
-    bottom = tf.reduce_sum(smallest * tf.matmul(matrix, smallest))
-    return float(top / bottom) if float(bottom) > 0 else float("inf")
-
-
-def _damped_cholesky(damped: tf.Tensor, dtype: tf.DType) -> Optional[tf.Tensor]:
-    """Cholesky factor of ``H + λI`` (P, P), or ``None`` when it is not positive definite.
-
-    The factorisation runs in ``dtype`` when that is a lower precision and the matrix is well conditioned enough
-    for it (condition estimate × eps <= ``FACTOR_ACCURACY``), since it costs about half as much as in float64
-    (P = 2,410: 125 ms vs 233 ms); otherwise in float64.
-    """
-    if dtype != tf.float64:
-        damped_low = tf.cast(damped, dtype)
-        factor = _checked_cholesky(damped_low)
-        epsilon = float(np.finfo(dtype.as_numpy_dtype).eps)  # pylint: disable=no-member
-        if factor is not None and _condition_estimate(damped_low, factor) * epsilon <= FACTOR_ACCURACY:
-            return factor
-    return _checked_cholesky(tf.cast(damped, tf.float64))
-
-
-def _checked_cholesky(matrix: tf.Tensor) -> Optional[tf.Tensor]:
-    """``tf.linalg.cholesky`` of a symmetric matrix, or ``None`` when it fails (not positive definite)."""
-    try:
-        factor = tf.linalg.cholesky(matrix)
-    except tf.errors.InvalidArgumentError:
-        return None
-    return factor if bool(tf.reduce_all(tf.math.is_finite(factor))) else None
-
-
 class ExactIHVP(InverseHessianVectorProduct):
     """Exact inverse-Hessian-vector products from the full mean Hessian.
 
     The Hessian is accumulated batch by batch as the Jacobian of the gradient of each batch's summed loss
     (one P×P matrix per batch, summed in float64 when there are several), divided by the number of samples and
-    symmetrised. With
-    ``λ > 0`` and ``H + λI`` positive definite, ``H + λI = L Lᵀ`` (Cholesky), factorised in the model's dtype when
-    its estimated condition number allows it (condition × machine epsilon <= ``FACTOR_ACCURACY`` = 1e-5) and in
-    float64 otherwise, and vectors are solved with the triangular factor (two blocked triangular solves in the
-    model's dtype, ``O(P² K)`` for K vectors); the explicit inverse is only formed when ``inv_hessian`` is read.
-    Otherwise, in float64, ``H = Q diag(e) Qᵀ`` and the solver applies ``Q diag(f(e + λ)) Qᵀ`` with
-    ``f(s) = 1/s``, except that
-    eigenvalues with ``|s| <= rcond · max|s|`` are dropped (``f(s) = 0``): with ``λ = 0`` this is the
-    Moore–Penrose pseudo-inverse, as in the reference.
+    symmetrised. With ``λ > 0`` and ``H + λI`` positive definite, ``H + λI = L Lᵀ`` (Cholesky), factorised in the
+    model's dtype when its estimated condition number allows it (condition × machine epsilon <=
+    ``FACTOR_ACCURACY`` = 1e-5) and in float64 otherwise, and vectors are solved with the triangular factor (two
+    blocked triangular solves in the model's dtype, ``O(P² K)`` for K vectors); the explicit inverse is only
+    formed when ``inv_hessian`` is read. Otherwise, in float64, ``H = Q diag(e) Qᵀ`` and the solver applies
+    ``Q diag(f(e + λ)) Qᵀ`` with ``f(s) = 1/s``, except that eigenvalues with ``|s| <= rcond · max|s|`` are dropped
+    (``f(s) = 0``): with ``λ = 0`` this is the Moore–Penrose pseudo-inverse, as in the reference.
 
     Parameters
     ----------
@@ -255,7 +205,7 @@ class ExactIHVP(InverseHessianVectorProduct):
         self.rcond = float(rcond)
         self._mean_hessian = mean  # in the precision of the accumulation
         self._eigenvalues = None
-        factor = _damped_cholesky(damped, model.dtype) if regularization > 0 else None
+        factor = damped_cholesky(damped, model.dtype) if regularization > 0 else None
         self.cholesky_factor = None if factor is None else tf.cast(factor, model.dtype)
         self.factor_dtype = None if factor is None else factor.dtype
         self._factor = factor
