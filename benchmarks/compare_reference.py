@@ -13,8 +13,10 @@ trained on scikit-learn's bundled ``load_digits``:
 The reference runs in its own virtual environment (``benchmarks/.venv-reference``, TensorFlow 2.21
 with legacy Keras selected by ``TF_USE_LEGACY_KERAS=1``) through ``reference_runner.py``; this
 library runs in the current interpreter's environment with Keras 3. Every configuration runs in a
-fresh subprocess, so timings include tracing and the peak resident set size (``ru_maxrss``) is per
-configuration. Float64 NumPy values of ``g^T pinv(H_mean) g``, from the closed-form gradient and
+fresh subprocess, so the first pass includes tracing and the peak resident set size (``ru_maxrss``) is
+per configuration; the passes repeated after it in the same process (``--repeats``, medians) give the warm
+times, measured as in ``bench_peers.py``. Task (f) of the performance issue compares Hessian +
+self-influence at each side's best batch size, in both ways. Float64 NumPy values of ``g^T pinv(H_mean) g``, from the closed-form gradient and
 Hessian of the softmax cross-entropy, serve as an independent arbiter.
 
 Usage
@@ -45,7 +47,9 @@ RUNNER = BENCH_DIR / "reference_runner.py"
 LAYER_SIZES = (64, 32, 16, 10)
 REF_REQUIREMENTS = ("tensorflow==2.21.*", "scikit-learn", "matplotlib")
 REF_NO_DEPS = ("influenciae==0.3.0", "tf-keras==2.21.0")
-TIMING_KEYS = ("time_hessian", "time_self", "time_pairwise", "rss_hessian_mib", "rss_self_mib", "rss_pairwise_mib")
+PHASES = ("hessian", "self", "pairwise")
+TIMING_KEYS = tuple(f"time_{phase}" for phase in PHASES) + tuple(f"warm_{phase}" for phase in PHASES) + \
+    tuple(f"rss_{phase}_mib" for phase in PHASES)
 EPS_FLOAT32 = 2.0 ** -23
 
 
@@ -433,10 +437,13 @@ def timed(function: Callable[[], Any]) -> Tuple[Any, float, float]:
 
 
 def run_phases(build: Callable[[], Tuple[Any, Any]], train_ds: Any, test_ds: Any,
-               shape: Tuple[int, int]) -> Tuple[Any, Dict[str, np.ndarray]]:
-    """Time the three phases: Hessian, self-influence, pairwise influence.
+               shape: Tuple[int, int], repeats: int = 0) -> Tuple[Any, Dict[str, np.ndarray]]:
+    """Time the three phases: Hessian, self-influence, pairwise influence; then repeat them.
 
-    Both sides call this function (``reference_runner.py`` imports it), so they measure the same calls.
+    Both sides call this function (``reference_runner.py`` imports it), so they measure the same calls. The
+    first pass (tracing included) gives the values, ``time_<phase>`` and the peak RSS after each phase; the
+    ``repeats`` passes after it (a new IHVP and calculator each time, compiled functions already traced) give
+    ``warm_<phase>``, the median of their times (NaN without repeats).
 
     Parameters
     ----------
@@ -448,25 +455,34 @@ def run_phases(build: Callable[[], Tuple[Any, Any]], train_ds: Any, test_ds: Any
         Batched test ``tf.data.Dataset``.
     shape
         ``(N_test, N_train)``.
+    repeats
+        Passes after the first one.
 
     Returns
     -------
     tuple
-        The IHVP object and a dictionary with the values, the wall times and the peak RSS after each phase.
+        The IHVP object of the first pass and a dictionary with the values, the wall times and the peak RSS.
     """
-    (ihvp, calculator), *hessian_measures = timed(build)
-    self_influence, *self_measures = timed(
-        lambda: np.asarray(calculator._compute_influence_values(train_ds)))  # pylint: disable=protected-access
-    pairwise, *pairwise_measures = timed(
-        lambda: collect_pairwise(calculator.estimate_influence_values_in_batches(test_ds, train_ds), *shape))
-    # TIMING_KEYS lists the three times, then the three peak RSS values.
-    measures = list(zip(hessian_measures, self_measures, pairwise_measures))
-    results = {key: np.array(value) for key, value in zip(TIMING_KEYS, measures[0] + measures[1])}
+    passes = []
+    for _ in range(1 + repeats):
+        (ihvp, calculator), *hessian_measures = timed(build)
+        self_influence, *self_measures = timed(
+            lambda calc=calculator: np.asarray(calc._compute_influence_values(train_ds)))  # pylint: disable=W0212
+        pairwise, *pairwise_measures = timed(
+            lambda calc=calculator: collect_pairwise(calc.estimate_influence_values_in_batches(test_ds, train_ds),
+                                                     *shape))
+        passes.append((ihvp, self_influence, pairwise, hessian_measures, self_measures, pairwise_measures))
+    ihvp, self_influence, pairwise, *measures = passes[0]
+    results = {f"time_{phase}": np.array(measure[0]) for phase, measure in zip(PHASES, measures)}
+    results.update({f"rss_{phase}_mib": np.array(measure[1]) for phase, measure in zip(PHASES, measures)})
+    results.update({f"warm_{phase}": np.array(np.median([later[3 + index][0] for later in passes[1:]])
+                                              if repeats else np.nan)
+                    for index, phase in enumerate(PHASES)})
     return ihvp, dict(results, self_influence=self_influence.reshape(-1), pairwise=pairwise)
 
 
 def run_ours(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batch_size: int,
-             test_batch_size: int) -> Dict[str, np.ndarray]:
+             test_batch_size: int, repeats: int = 0) -> Dict[str, np.ndarray]:
     """Compute self-influence and pairwise influence with this library (Keras 3).
 
     Parameters
@@ -479,6 +495,8 @@ def run_ours(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batch_siz
         Training batch size.
     test_batch_size
         Test batch size.
+    repeats
+        Warm passes after the first one (see :func:`run_phases`).
 
     Returns
     -------
@@ -503,7 +521,8 @@ def run_ours(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batch_siz
         ihvp = common.ExactIHVP(influence_model, train_ds)
         return ihvp, influence.FirstOrderInfluenceCalculator(influence_model, train_ds, ihvp_calculator=ihvp)
 
-    _, results = run_phases(build, train_ds, test_ds, (arrays["x_test"].shape[0], arrays["x_train"].shape[0]))
+    _, results = run_phases(build, train_ds, test_ds, (arrays["x_test"].shape[0], arrays["x_train"].shape[0]),
+                            repeats)
     return dict(results, n_params=np.array(int(influence_model.nb_params)))
 
 
@@ -513,7 +532,7 @@ def ours_worker(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args
-        Parsed options (``input``, ``output``, ``batch_size``, ``test_batch_size``, ``seed``).
+        Parsed options (``input``, ``output``, ``batch_size``, ``test_batch_size``, ``seed``, ``repeats``).
 
     Returns
     -------
@@ -525,7 +544,7 @@ def ours_worker(args: argparse.Namespace) -> int:
     keras.utils.set_random_seed(args.seed)
     arrays, weights = load_problem(Path(args.input))
     test_batch_size = args.test_batch_size or min(args.batch_size, arrays["x_test"].shape[0])
-    np.savez(args.output, **run_ours(arrays, weights, args.batch_size, test_batch_size))
+    np.savez(args.output, **run_ours(arrays, weights, args.batch_size, test_batch_size, args.repeats))
     return 0
 
 
@@ -668,7 +687,7 @@ def run_side(name: str, batch: int, args: argparse.Namespace) -> RunOutcome:
     output = args.workdir / f"{name}_bs{batch}.npz"
     output.unlink(missing_ok=True)
     common = ["--input", str(args.problem), "--output", str(output), "--batch-size", str(batch),
-              "--seed", str(args.seed)]
+              "--seed", str(args.seed), "--repeats", str(args.repeats)]
     if name == "ref":
         command, env = [str(REF_PYTHON), str(RUNNER)] + common, reference_env()
     else:
@@ -706,29 +725,50 @@ def relative_errors(values: np.ndarray, truth: np.ndarray) -> Tuple[float, float
     return float(diff.max() / scale) if scale > 0 else float(diff.max()), p99
 
 
-def timing_cells(outcome: Optional[RunOutcome]) -> List[str]:
-    """Timing-table cells of one side: Hessian, self-influence and pairwise seconds, peak RSS.
+def phase_times(outcome: RunOutcome, prefix: str) -> List[float]:
+    """Hessian, self-influence, their sum (task (f)) and pairwise seconds of a successful run.
+
+    Parameters
+    ----------
+    outcome
+        A successful outcome.
+    prefix
+        ``"time"`` (first pass) or ``"warm"`` (median of the repeated passes).
+
+    Returns
+    -------
+    list of float
+        Four times.
+    """
+    hessian, self_time, pairwise = (float(outcome.results[f"{prefix}_{phase}"]) for phase in PHASES)
+    return [hessian, self_time, hessian + self_time, pairwise]
+
+
+def timing_cells(outcome: Optional[RunOutcome], prefix: str) -> List[str]:
+    """Timing-table cells of one side: Hessian, self-influence, both, pairwise seconds, peak RSS.
 
     Parameters
     ----------
     outcome
         The side's outcome (None when not run).
+    prefix
+        ``"time"`` or ``"warm"`` (see :func:`phase_times`).
 
     Returns
     -------
     list of str
-        Four cells.
+        Five cells.
     """
     if outcome is None:
-        return ["not run", "-", "-", "-"]
+        return ["not run", "-", "-", "-", "-"]
     if not outcome.ok:
-        return [outcome.status, f"({outcome.seconds:.0f} s)", "-", "-"]
-    values = [float(outcome.results[key]) for key in ("time_hessian", "time_self", "time_pairwise")]
-    return [f"{value:.2f}" for value in values] + [f"{float(outcome.results['rss_pairwise_mib']):.0f}"]
+        return [outcome.status, f"({outcome.seconds:.0f} s)", "-", "-", "-"]
+    return [f"{value:.3f}" for value in phase_times(outcome, prefix)] + \
+        [f"{float(outcome.results['rss_pairwise_mib']):.0f}"]
 
 
-def timing_row(batch: int, ref: Optional[RunOutcome], ours: Optional[RunOutcome]) -> List[str]:
-    """Cells of one row of the timing table.
+def timing_row(batch: int, ref: Optional[RunOutcome], ours: Optional[RunOutcome], prefix: str) -> List[str]:
+    """Cells of one row of a timing table.
 
     Parameters
     ----------
@@ -738,17 +778,46 @@ def timing_row(batch: int, ref: Optional[RunOutcome], ours: Optional[RunOutcome]
         Outcome of the reference (None when not run).
     ours
         Outcome of this library (None when not run).
+    prefix
+        ``"time"`` or ``"warm"`` (see :func:`phase_times`).
 
     Returns
     -------
     list of str
         Batch, reference times and RSS, our times and RSS, and the reference/ours time ratios.
     """
-    ratios = ["-"] * 3
+    ratios = ["-"] * 4
     if ref is not None and ours is not None and ref.ok and ours.ok:
-        ratios = [f"{float(ref.results[key]) / float(ours.results[key]):.1f}"
-                  for key in ("time_hessian", "time_self", "time_pairwise")]
-    return [str(batch)] + timing_cells(ref) + timing_cells(ours) + ratios
+        ratios = [f"{theirs / mine:.1f}" for theirs, mine in zip(phase_times(ref, prefix), phase_times(ours, prefix))]
+    return [str(batch)] + timing_cells(ref, prefix) + timing_cells(ours, prefix) + ratios
+
+
+def best_ratio(outcomes: Dict[Tuple[str, int], RunOutcome], prefix: str) -> Optional[Dict[str, float]]:
+    """Task (f): the reference's Hessian + self-influence time at its best batch size over ours at our best.
+
+    Parameters
+    ----------
+    outcomes
+        Outcome per ``(side, batch)``.
+    prefix
+        ``"time"`` or ``"warm"`` (see :func:`phase_times`).
+
+    Returns
+    -------
+    dict or None
+        ``ref_batch``, ``ref_seconds``, ``ours_batch``, ``ours_seconds`` and ``ratio``; None when a side has no
+        successful run.
+    """
+    best = {}
+    for side in ("ref", "ours"):
+        times = {batch: phase_times(outcome, prefix)[2] for (name, batch), outcome in outcomes.items()
+                 if name == side and outcome.ok and np.isfinite(phase_times(outcome, prefix)[2])}
+        if not times:
+            return None
+        batch = min(times, key=times.get)
+        best[side] = (batch, times[batch])
+    return {"ref_batch": best["ref"][0], "ref_seconds": best["ref"][1], "ours_batch": best["ours"][0],
+            "ours_seconds": best["ours"][1], "ratio": best["ref"][1] / best["ours"][1]}
 
 
 def print_table(header: List[str], rows: List[List[str]]) -> None:
@@ -820,11 +889,21 @@ def report(batches: List[int], outcomes: Dict[Tuple[str, int], RunOutcome], arbi
     tuple
         Whether every compared batch size passes, and the error metrics per batch size.
     """
-    print("\nTimings (seconds; first call in a fresh process, tracing included) and peak RSS (MiB)")
-    print_table(["batch", "ref hess", "ref self", "ref pair", "ref RSS", "ours hess", "ours self", "ours pair",
-                 "ours RSS", "x hess", "x self", "x pair"],
-                [timing_row(b, outcomes.get(("ref", b)), outcomes.get(("ours", b))) for b in batches])
-    print("(x = reference time / our time)")
+    header = ["batch", "ref hess", "ref self", "ref h+s", "ref pair", "ref RSS", "ours hess", "ours self", "ours h+s",
+              "ours pair", "ours RSS", "x hess", "x self", "x h+s", "x pair"]
+    titles = {"time": "first pass in a fresh process, tracing included",
+              "warm": "median of the repeated passes in the same process (new IHVP and calculator each time)"}
+    for prefix, title in titles.items():
+        print(f"\nTimings (seconds; {title}) and peak RSS (MiB)")
+        print_table(header, [timing_row(b, outcomes.get(("ref", b)), outcomes.get(("ours", b)), prefix)
+                             for b in batches])
+    print("(h+s = Hessian + self-influence, task (f); x = reference time / our time)")
+    for prefix, label in (("time", "first pass"), ("warm", "repeated passes")):
+        best = best_ratio(outcomes, prefix)
+        if best is not None:
+            print(f"task (f), {label}: reference {best['ref_seconds']:.3f} s at its best batch size "
+                  f"{best['ref_batch']}, ours {best['ours_seconds']:.3f} s at batch size {best['ours_batch']}: "
+                  f"{best['ratio']:.1f}x")
     print("\nAgreement: max|a-b|/max|b| and 99th percentile of |a-b|/|b| (a vs b)")
     for arbiter in arbiters:
         print(f"  {arbiter.name}: float64 closed form, pinv keeping |eig| > {arbiter.rcond:.3g} max|eig| "
@@ -878,6 +957,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--exact-rcond", type=float, default=1e-10,
         help="relative eigenvalue cut-off of the 'f64 exact' arbiter, which drops only the exact null space "
              "of the Hessian (default: 1e-10)")
+    add("--repeats", type=int, default=3,
+        help="passes repeated after the first one in each process; their median is the warm time (default: 3)")
     add("--timeout", type=float, default=1800.0, help="wall-time limit per subprocess in seconds (default: 1800)")
     add("--max-rss-gb", type=float, default=None,
         help="resident-memory limit per subprocess in GiB (default: 75%% of the physical memory)")
@@ -944,6 +1025,8 @@ def run_benchmark(args: argparse.Namespace) -> bool:
                                         status=outcome.status, seconds=outcome.seconds)
                 for (side, batch), outcome in outcomes.items()}
         summary = {"seed": args.seed, "epochs": args.epochs, "test_accuracy": accuracy, "pass": passed,
+                   "repeats": args.repeats,
+                   "task_f": {prefix: best_ratio(outcomes, prefix) for prefix in ("time", "warm")},
                    "arbiters": {a.name: {"rank": a.rank, "rcond": a.rcond, "margin": a.margin} for a in arbiters},
                    "errors": metrics, "runs": runs}
         Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -13,8 +13,9 @@ and the dense weights ``weight_0``, ``weight_1``, ... in ``get_weights()`` order
 Output: an ``.npz`` file with the self-influence of the training set (``self_influence``, shape
 ``(N_train,)``), the pairwise influence matrix of the test set against the training set
 (``pairwise``, shape ``(N_test, N_train)``), the pseudo-inverse Hessian (``inv_hessian``), wall
-times in seconds (``time_hessian``, ``time_self``, ``time_pairwise``) and the peak resident set
-size in MiB after each phase (``rss_*_mib``).
+times in seconds of the first pass (``time_hessian``, ``time_self``, ``time_pairwise``) and the median
+of the ``--repeats`` passes after it (``warm_*``), and the peak resident set size in MiB after each phase
+(``rss_*_mib``).
 
 Example
 -------
@@ -93,7 +94,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Datas
 
 
 def run_reference(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batch_size: int,
-                  test_batch_size: int) -> Dict[str, np.ndarray]:
+                  test_batch_size: int, repeats: int = 0) -> Dict[str, np.ndarray]:
     """Compute self-influence and pairwise influence with the reference package.
 
     Parameters
@@ -106,6 +107,8 @@ def run_reference(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batc
         Batch size of the training dataset (Hessian, influence vectors, self-influence).
     test_batch_size
         Batch size of the test dataset (pairwise values).
+    repeats
+        Warm passes after the first one (see ``compare_reference.run_phases``).
 
     Returns
     -------
@@ -127,7 +130,8 @@ def run_reference(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batc
         ihvp = ExactIHVP(influence_model, train_ds)
         return ihvp, FirstOrderInfluenceCalculator(influence_model, train_ds, ihvp_calculator=ihvp)
 
-    ihvp, results = run_phases(build, train_ds, test_ds, (arrays["x_test"].shape[0], arrays["x_train"].shape[0]))
+    ihvp, results = run_phases(build, train_ds, test_ds, (arrays["x_test"].shape[0], arrays["x_train"].shape[0]),
+                               repeats)
     results.update({"inv_hessian": ihvp.inv_hessian.numpy(), "n_params": np.array(int(influence_model.nb_params)),
                     "batch_size": np.array(batch_size), "test_batch_size": np.array(test_batch_size),
                     "tf_version": np.array(tf.__version__)})
@@ -154,6 +158,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--test-batch-size", type=int, default=None,
                         help="test batch size (default: min(batch size, number of test samples))")
     parser.add_argument("--seed", type=int, default=0, help="TensorFlow seed (nothing here is random)")
+    parser.add_argument("--repeats", type=int, default=0, help="passes repeated after the first one (warm times)")
     return parser.parse_args(argv)
 
 
@@ -174,7 +179,7 @@ def main(argv: Sequence[str]) -> int:
     tf.random.set_seed(args.seed)
     arrays, weights = load_problem(Path(args.input))
     test_batch_size = args.test_batch_size or min(args.batch_size, arrays["x_test"].shape[0])
-    results = run_reference(arrays, weights, args.batch_size, test_batch_size)
+    results = run_reference(arrays, weights, args.batch_size, test_batch_size, args.repeats)
     np.savez(args.output, **results)
     print(f"reference batch={args.batch_size}: hessian {float(results['time_hessian']):.2f} s, "
           f"self {float(results['time_self']):.2f} s, pairwise {float(results['time_pairwise']):.2f} s, "

@@ -19,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from ..utils.conjugate_gradients import KrylovBasis, block_conjugate_gradients_solve, conjugate_gradients_solve
-from ..utils.linear_algebra import blocked_cholesky_solve, blocked_triangular_solve, damped_cholesky
+from ..utils.linear_algebra import (blocked_cholesky_solve, blocked_triangular_solve, damped_cholesky, symmetric_eigh,
+                                    symmetric_eigvalsh)
 from ..utils.tf_operations import (assert_batched_dataset, assert_known_cardinality, compute_batches,
                                    split_model_shared)
 from .autodiff import compile_function
@@ -223,7 +224,7 @@ class ExactIHVP(InverseHessianVectorProduct):
 
     def _spectral_inverse(self, hessian64: tf.Tensor, regularization: float) -> tf.Tensor:
         """``Q diag(f(e + λ)) Qᵀ`` with small shifted eigenvalues dropped (pseudo-inverse semantics)."""
-        eigenvalues, eigenvectors = tf.linalg.eigh(hessian64)
+        eigenvalues, eigenvectors = symmetric_eigh(hessian64)
         self._eigenvalues = eigenvalues
         shifted = eigenvalues + regularization
         cutoff = self.rcond * tf.reduce_max(tf.abs(shifted))
@@ -235,7 +236,7 @@ class ExactIHVP(InverseHessianVectorProduct):
     def eigenvalues(self) -> tf.Tensor:
         """(P,) eigenvalues of the mean Hessian (undamped), float64, ascending (computed on first access)."""
         if self._eigenvalues is None:
-            self._eigenvalues = tf.linalg.eigvalsh(tf.cast(self._mean_hessian, tf.float64))
+            self._eigenvalues = symmetric_eigvalsh(tf.cast(self._mean_hessian, tf.float64))
         return self._eigenvalues
 
     def _summed_hessian(self, dataset: tf.data.Dataset) -> Tuple[tf.Tensor, int]:

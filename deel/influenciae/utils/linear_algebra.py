@@ -1,6 +1,7 @@
-"""Dense linear algebra helpers: triangular solves whose work is done by matrix products, and a Cholesky
-factorisation in the lowest precision the matrix's conditioning allows."""
-from typing import Optional
+"""Dense linear algebra helpers: triangular solves and Cholesky factorisations whose work is done by matrix
+products, a Cholesky factorisation in the lowest precision the matrix's conditioning allows, and symmetric
+eigendecompositions through LAPACK."""
+from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -58,6 +59,47 @@ def blocked_cholesky_solve(lower: tf.Tensor, rhs: tf.Tensor,
     return blocked_triangular_solve(lower, blocked_triangular_solve(lower, rhs, False, block_size), True, block_size)
 
 
+DEFAULT_CHOLESKY_BLOCK = 512
+
+
+def blocked_cholesky(matrix: tf.Tensor, block_size: int = DEFAULT_CHOLESKY_BLOCK) -> tf.Tensor:
+    """Lower Cholesky factor ``L`` (``L Lᵀ = A``) of a symmetric positive definite ``A`` (P, P), by recursive halving.
+
+    ``A = [[A11, A21ᵀ], [A21, A22]]``: ``L11 = chol(A11)``, ``L21 = A21 L11⁻ᵀ`` (a blocked triangular solve),
+    ``L22 = chol(A22 - L21 L21ᵀ)``, down to diagonal blocks of at most ``block_size`` rows factored by
+    ``tf.linalg.cholesky``. Most of the ``P³ / 3`` operations become matrix products, which use every core, while
+    TensorFlow's Cholesky runs on one. Only the lower triangle of ``A`` is read. Works eagerly and inside graphs; a
+    matrix of unknown static size falls back to ``tf.linalg.cholesky``.
+
+    Parameters
+    ----------
+    matrix
+        (P, P) symmetric positive definite matrix.
+    block_size
+        Largest diagonal block factored directly (>= 1).
+
+    Returns
+    -------
+    tf.Tensor
+        (P, P) lower-triangular factor, same dtype.
+
+    When ``A`` is not positive definite, the factor holds NaN (or ``tf.errors.InvalidArgumentError`` is raised),
+    as with ``tf.linalg.cholesky``; :func:`cholesky_or_none` turns both into ``None``.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    size = matrix.shape[0]
+    if size is None or size <= block_size:
+        return tf.linalg.cholesky(matrix)
+    half = size // 2
+    top_left = blocked_cholesky(matrix[:half, :half], block_size)
+    bottom_left = tf.transpose(blocked_triangular_solve(top_left, tf.transpose(matrix[half:, :half])))
+    schur = matrix[half:, half:] - tf.matmul(bottom_left, bottom_left, transpose_b=True)
+    bottom_right = blocked_cholesky(schur, block_size)
+    upper_right = tf.zeros([half, size - half], matrix.dtype)
+    return tf.concat([tf.concat([top_left, upper_right], 1), tf.concat([bottom_left, bottom_right], 1)], 0)
+
+
 # A factor in the model's (lower) precision is kept when the estimated condition number times its machine epsilon is
 # at most this (float32: condition number up to ~170, relative errors of solves ~1e-5 at worst); otherwise float64.
 FACTOR_ACCURACY = 1e-5
@@ -87,7 +129,7 @@ def damped_cholesky(damped: tf.Tensor, dtype: tf.DType) -> Optional[tf.Tensor]:
 
     The factorisation runs in ``dtype`` when that is a lower precision and the matrix is well conditioned enough
     for it (condition estimate × eps <= ``FACTOR_ACCURACY``), since it costs about half as much as in float64
-    (P = 2,410: 125 ms vs 233 ms); otherwise in float64.
+    (P = 2,410: 85 ms vs 230 ms); otherwise in float64.
     """
     if dtype != tf.float64:
         damped_low = tf.cast(damped, dtype)
@@ -99,9 +141,31 @@ def damped_cholesky(damped: tf.Tensor, dtype: tf.DType) -> Optional[tf.Tensor]:
 
 
 def cholesky_or_none(matrix: tf.Tensor) -> Optional[tf.Tensor]:
-    """``tf.linalg.cholesky`` of a symmetric matrix, or ``None`` when it fails (not positive definite)."""
+    """Cholesky factor (:func:`blocked_cholesky`) of a symmetric matrix, or ``None`` when it fails (not positive
+    definite)."""
     try:
-        factor = tf.linalg.cholesky(matrix)
+        factor = blocked_cholesky(matrix)
     except tf.errors.InvalidArgumentError:
         return None
     return factor if bool(tf.reduce_all(tf.math.is_finite(factor))) else None
+
+
+def symmetric_eigh(matrix: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix (P, P): ``((P,), (P, P))``, same dtype.
+
+    Eagerly this calls LAPACK through NumPy (divide and conquer), several times faster than ``tf.linalg.eigh``
+    on CPU (P = 2,410 in float64: 1.1 s vs 8 s; P = 479: 18 ms vs 52 ms); inside a graph it is ``tf.linalg.eigh``.
+    Only the lower triangle is read.
+    """
+    if not tf.executing_eagerly():
+        return tf.linalg.eigh(matrix)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(matrix), UPLO="L")
+    return tf.constant(eigenvalues, matrix.dtype), tf.constant(eigenvectors, matrix.dtype)
+
+
+def symmetric_eigvalsh(matrix: tf.Tensor) -> tf.Tensor:
+    """Eigenvalues (ascending) of a symmetric matrix (P, P): (P,), same dtype; through NumPy's LAPACK when eager
+    (see :func:`symmetric_eigh`), ``tf.linalg.eigvalsh`` inside a graph. Only the lower triangle is read."""
+    if not tf.executing_eagerly():
+        return tf.linalg.eigvalsh(matrix)
+    return tf.constant(np.linalg.eigvalsh(np.asarray(matrix), UPLO="L"), matrix.dtype)
