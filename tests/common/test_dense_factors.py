@@ -96,3 +96,44 @@ def test_tracin_matrix_and_self_influence_match_per_sample_tapes(factored):
     np.testing.assert_allclose(tracin._compute_influence_values(train).numpy()[:, 0],  # pylint: disable=W0212
                                expected_self, rtol=1e-4)
     assert tracin._factored.supported is factored  # pylint: disable=protected-access
+
+
+def test_an_error_in_the_data_propagates_and_keeps_the_factored_path():
+    """A label out of range fails the batch (TensorFlow's error reaches the user) without switching the kernels
+    to the materialised path for the batches after it."""
+    model = mlp(8)
+    rng = np.random.default_rng(9)
+    x = tf.constant(rng.normal(size=(6, 5)).astype(np.float32))
+    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="label"):
+        factors((x, tf.constant([0, 1, 2, 7, 0, 1])))
+    assert factors.supported
+    good = factors((x, tf.constant([0, 1, 2, 2, 0, 1])))
+    assert good is not None and factors.supported
+    gradients = per_sample_tapes(model, x.numpy(), np.array([0, 1, 2, 2, 0, 1]))
+    np.testing.assert_allclose(factored_squared_norms([good], tf.constant([1.0])).numpy(), (gradients ** 2).sum(1),
+                               rtol=1e-5)
+
+
+class _RowsPerPosition(keras.layers.Layer):
+    """(B, 6, 5) -> (B·6, 5): a dense layer after it sees rows that are not samples, which only the runtime
+    check can tell (the graph has a rank-2 MatMul)."""
+
+    def call(self, inputs):
+        return tf.reshape(inputs, [-1, 5])
+
+
+class _BackToSamples(keras.layers.Layer):
+    def call(self, inputs):
+        return tf.reshape(inputs, [-1, 6 * 4])
+
+
+def test_rows_that_are_not_samples_are_caught_when_running():
+    keras.utils.set_random_seed(10)
+    model = keras.Sequential([keras.Input((6, 5)), _RowsPerPosition(name="rows_per_position"),
+                              keras.layers.Dense(4, activation="tanh"),
+                              _BackToSamples(name="back_to_samples"), keras.layers.Dense(3)])
+    rng = np.random.default_rng(11)
+    batch = (tf.constant(rng.normal(size=(4, 6, 5)).astype(np.float32)), tf.constant(rng.integers(0, 3, 4)))
+    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)
+    assert factors(batch) is None and not factors.supported

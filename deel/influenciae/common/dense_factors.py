@@ -26,6 +26,8 @@ from .autodiff import LossKernels
 # Ops a weight may pass through unchanged before it is used.
 _PASS_THROUGH = ("Identity",)
 _BIAS_OPS = ("BiasAdd", "AddV2", "Add")
+# Message of the runtime check that a dense layer's left operand has one row per sample.
+ROW_CHECK_MESSAGE = "the rows of a dense layer are not one per sample"
 
 
 class UnsupportedStructure(Exception):
@@ -87,8 +89,7 @@ class DenseFactors:
         factors = []
         for (kind, op), delta in zip(uses, deltas):
             rows = op.inputs[0] if kind == "kernel" else tf.ones(tf.stack([count, 1]), delta.dtype)
-            check = tf.debugging.assert_equal(tf.shape(rows)[0], count,
-                                              message="the rows of a dense layer are not one per sample")
+            check = tf.debugging.assert_equal(tf.shape(rows)[0], count, message=ROW_CHECK_MESSAGE)
             with tf.control_dependencies([check]):
                 factors.append((tf.cast(tf.identity(rows), delta.dtype), delta))
         return factors
@@ -96,12 +97,18 @@ class DenseFactors:
 
 def guarded_call(owner: Any, function: Any, *args: Any) -> Any:
     """``function(*args)``, or None (and ``owner.supported = False`` from then on) when the structure is not
-    supported: found while tracing, or by the per-sample row check when running."""
+    supported: found while tracing, or by the per-sample row check when running. Other runtime errors (a label out
+    of range, say) are the data's, not the structure's: they propagate and leave ``owner.supported`` unchanged."""
     if not owner.supported:
         return None
     try:
         return function(*args)
-    except (UnsupportedStructure, LookupError, tf.errors.InvalidArgumentError):
+    except (UnsupportedStructure, LookupError):
+        owner.supported = False
+        return None
+    except tf.errors.InvalidArgumentError as error:
+        if ROW_CHECK_MESSAGE not in str(error):
+            raise
         owner.supported = False
         return None
 
