@@ -4,8 +4,6 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from .linear_algebra import symmetric_eigh
-
 
 def _identity(vectors: tf.Tensor) -> tf.Tensor:
     return vectors
@@ -104,8 +102,9 @@ def _orthonormal_basis(block: tf.Tensor, cutoff: float) -> tf.Tensor:
     (K, K) Gram matrix (formed in the block's precision) shows every column at a distance above
     ``_CHOLESKY_QR_MIN_PIVOT`` from the span of the columns before it (the usual case: a well-conditioned
     block), the basis is ``block R⁻ᵀ``
-    (Cholesky QR, a few ms); otherwise the Gram matrix is formed again in float64 and eigen-decomposed (~20 ms at
-    K = 479), and the directions of singular value at most ``cutoff`` are dropped.
+    (Cholesky QR, a few ms); otherwise the Gram matrix is formed again in float64 and eigen-decomposed (~50 ms at
+    K = 479; LAPACK through NumPy is faster on its own, but its idle threads then slow the TensorFlow
+    operations of the loop down, measured), and the directions of singular value at most ``cutoff`` are dropped.
     """
     # The Cholesky QR test tolerates the rounding of a Gram matrix in the block's precision (pivots >= 1e-2).
     gram = tf.cast(tf.matmul(block, block, transpose_a=True), tf.float64)
@@ -116,7 +115,7 @@ def _orthonormal_basis(block: tf.Tensor, cutoff: float) -> tf.Tensor:
         inverse_factor = tf.linalg.triangular_solve(factor, tf.eye(tf.shape(factor)[0], dtype=tf.float64))
         return tf.matmul(block, tf.cast(inverse_factor, block.dtype), transpose_b=True)
     block64 = tf.cast(block, tf.float64)  # rank detection at the cut-off needs a float64 Gram matrix
-    eigenvalues, eigenvectors = symmetric_eigh(tf.matmul(block64, block64, transpose_a=True))
+    eigenvalues, eigenvectors = tf.linalg.eigh(tf.matmul(block64, block64, transpose_a=True))
     keep = eigenvalues > cutoff ** 2
     if not bool(tf.reduce_any(keep)):
         return block[:, :0]

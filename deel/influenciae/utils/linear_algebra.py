@@ -155,7 +155,9 @@ def symmetric_eigh(matrix: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
 
     Eagerly this calls LAPACK through NumPy (divide and conquer), several times faster than ``tf.linalg.eigh``
     on CPU (P = 2,410 in float64: 1.1 s vs 8 s; P = 479: 18 ms vs 52 ms); inside a graph it is ``tf.linalg.eigh``.
-    Only the lower triangle is read.
+    Only the lower triangle is read. NumPy's BLAS threads keep spinning for a moment after the call and slow the
+    TensorFlow operations that follow: inside a loop of TensorFlow work (block CG's rank-revealing step) it measured
+    slower overall than ``tf.linalg.eigh``, so use it for one-off decompositions.
     """
     if not tf.executing_eagerly():
         return tf.linalg.eigh(matrix)
