@@ -27,7 +27,7 @@ from .autodiff import LossKernels
 _PASS_THROUGH = ("Identity",)
 _BIAS_OPS = ("BiasAdd", "AddV2", "Add")
 # Message of the runtime check that a dense layer's left operand has one row per sample.
-ROW_CHECK_MESSAGE = "the rows of a dense layer are not one per sample"
+_ROW_CHECK_MESSAGE = "the rows of a dense layer are not one per sample"
 
 
 class UnsupportedStructure(Exception):
@@ -89,7 +89,7 @@ class DenseFactors:
         factors = []
         for (kind, op), delta in zip(uses, deltas):
             rows = op.inputs[0] if kind == "kernel" else tf.ones(tf.stack([count, 1]), delta.dtype)
-            check = tf.debugging.assert_equal(tf.shape(rows)[0], count, message=ROW_CHECK_MESSAGE)
+            check = tf.debugging.assert_equal(tf.shape(rows)[0], count, message=_ROW_CHECK_MESSAGE)
             with tf.control_dependencies([check]):
                 factors.append((tf.cast(tf.identity(rows), delta.dtype), delta))
         return factors
@@ -103,11 +103,8 @@ def guarded_call(owner: Any, function: Any, *args: Any) -> Any:
         return None
     try:
         return function(*args)
-    except (UnsupportedStructure, LookupError):
-        owner.supported = False
-        return None
-    except tf.errors.InvalidArgumentError as error:
-        if ROW_CHECK_MESSAGE not in str(error):
+    except (UnsupportedStructure, LookupError, tf.errors.InvalidArgumentError) as error:
+        if isinstance(error, tf.errors.InvalidArgumentError) and _ROW_CHECK_MESSAGE not in str(error):
             raise
         owner.supported = False
         return None

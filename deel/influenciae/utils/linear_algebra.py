@@ -69,7 +69,9 @@ def blocked_cholesky(matrix: tf.Tensor, block_size: int = DEFAULT_CHOLESKY_BLOCK
     ``L22 = chol(A22 - L21 L21ᵀ)``, down to diagonal blocks of at most ``block_size`` rows factored by
     ``tf.linalg.cholesky``. Most of the ``P³ / 3`` operations become matrix products, which use every core, while
     TensorFlow's Cholesky runs on one. Only the lower triangle of ``A`` is read. Works eagerly and inside graphs; a
-    matrix of unknown static size falls back to ``tf.linalg.cholesky``.
+    matrix of unknown static size falls back to ``tf.linalg.cholesky``. When ``A`` is not positive definite, the
+    factor holds NaN (or ``tf.errors.InvalidArgumentError`` is raised), as with ``tf.linalg.cholesky``;
+    :func:`cholesky_or_none` turns both into ``None``.
 
     Parameters
     ----------
@@ -82,9 +84,6 @@ def blocked_cholesky(matrix: tf.Tensor, block_size: int = DEFAULT_CHOLESKY_BLOCK
     -------
     tf.Tensor
         (P, P) lower-triangular factor, same dtype.
-
-    When ``A`` is not positive definite, the factor holds NaN (or ``tf.errors.InvalidArgumentError`` is raised),
-    as with ``tf.linalg.cholesky``; :func:`cholesky_or_none` turns both into ``None``.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
