@@ -1,17 +1,27 @@
-"""Faster vectorization of per-sample convolution gradients.
+"""Vectorization rules of our own for per-sample gradients, installed only while our kernels are traced.
 
-TensorFlow's ``vectorized_map`` (pfor) converts the filter gradient of a convolution whose input differs per
-iteration (``Conv2DBackpropFilter`` with a stacked input, exactly the per-sample-gradient case) into a sequential
-``while_loop`` over the samples (it logs "Conv2DBackpropFilter uses a while_loop. Fix that!"). Here the per-sample
-filter gradients are computed instead as one batched product of image patches with output gradients:
-``dW_i[kh, kw, c, o] = Σ_{h, w} patch_i[h, w, (kh, kw, c)] · dy_i[h, w, o]``. The replacement is installed only
-while our per-sample-gradient kernels are traced (:func:`per_sample_converters`), and falls back to TensorFlow's
-converter for the cases it does not cover (NCHW, explicit padding, unknown filter size, unstacked input).
+``tf.vectorized_map`` (pfor) rewrites every op of a per-sample function into one op over the whole batch. Two of
+TensorFlow's rewrites are replaced while :func:`per_sample_converters` is active:
+
+* **Conv2DBackpropFilter** (the filter gradient of a convolution) with a per-sample input: TensorFlow converts it
+  into a sequential ``while_loop`` over the samples ("Conv2DBackpropFilter uses a while_loop. Fix that!"). Here the
+  per-sample filter gradients are one batched product of image patches with output gradients,
+  ``dW_i[kh, kw, c, o] = Σ_{h, w} patch_i[h, w, (kh, kw, c)] · dy_i[h, w, o]``. NCHW, explicit padding, unknown
+  filter sizes and unstacked inputs keep TensorFlow's converter.
+* **BatchMatMulV2** of a per-sample left operand with a weight shared by every sample (what ``EinsumDense``, the
+  query/key/value/output projections of ``MultiHeadAttention`` and ``Dense`` on sequences become): TensorFlow
+  emits a broadcasting batched product of shape ``(n, 1, T, D) × (D, E)`` (n samples, each carrying the batch
+  dimension of 1 that the per-sample function adds). With oneDNN enabled (the default of TensorFlow's CPU builds)
+  that op corrupts memory and kills the interpreter with a segmentation fault (measured on TensorFlow 2.21:
+  ``(4, 1, 64, 64) × (64, 64)`` in a graph crashes; ``(4, 2, 64, 64)``, ``(1, 4, 64, 64)`` and eager mode do
+  not). Here the per-sample rows are folded into the matrix rows instead, ``(n·1·T, D) × (D, E)``: one plain
+  ``MatMul`` when the shared operand is a matrix, a batched product without the broadcast dimension otherwise.
+  Products of two per-sample operands keep TensorFlow's converter (their batch dimensions match, no broadcast).
 
 This relies on TensorFlow's private pfor converter registry; if that registry is not found, nothing is changed.
 """
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import tensorflow as tf
 
@@ -19,8 +29,6 @@ try:  # private TensorFlow API: used only if present, in the form checked below
     from tensorflow.python.ops.parallel_for import pfor as _pfor  # pylint: disable=no-name-in-module
 except ImportError:  # pragma: no cover - depends on the TensorFlow build
     _pfor = None
-
-_OP = "Conv2DBackpropFilter"
 
 
 def _patches_filter_gradients(pfor_input: Any) -> Optional[Any]:
@@ -49,21 +57,64 @@ def _patches_filter_gradients(pfor_input: Any) -> Optional[Any]:
     return _pfor.wrap(filters, True)
 
 
-@contextlib.contextmanager
-def per_sample_converters() -> Iterator[None]:
-    """Within the block, trace ``vectorized_map`` with the patch-based per-sample convolution filter gradient."""
-    registry = getattr(_pfor, "_pfor_converter_registry", None)
-    original = registry.get(_OP) if isinstance(registry, dict) else None
-    if original is None or not hasattr(_pfor, "wrap"):
-        yield
-        return
+def _per_sample_rows_times_shared(pfor_input: Any) -> Optional[Any]:
+    """``x_i @ y`` for a per-sample x (n, *bx, M, K) and a shared y (*by, K, N), with the n samples folded into
+    the rows M (no broadcast over the per-sample dimension); None when x is shared or y is per-sample."""
+    left, left_stacked, _ = pfor_input.input(0)
+    right, right_stacked, _ = pfor_input.input(1)
+    if not left_stacked or right_stacked or left.shape.rank is None or right.shape.rank is None:
+        return None
+    if pfor_input.get_attr("adj_x"):
+        left = tf.linalg.adjoint(left)
+    adjoint_right = bool(pfor_input.get_attr("adj_y"))
+    left_shape = tf.shape(left)
+    if right.shape.rank == 2:  # a weight matrix: one plain MatMul over every row of every sample
+        rows = tf.reshape(left, tf.stack([-1, left_shape[-1]]))
+        product = tf.matmul(rows, right, adjoint_b=adjoint_right)
+        columns = tf.shape(product)[-1:]
+        return _pfor.wrap(tf.reshape(product, tf.concat([left_shape[:-1], columns], axis=0)), True)
+    rank = left.shape.rank  # 1 (samples) + batch dimensions + 2
+    to_rows = list(range(1, rank - 2)) + [0, rank - 2, rank - 1]  # (*bx, n, M, K)
+    folded = tf.transpose(left, to_rows)
+    folded = tf.reshape(folded, tf.concat([tf.shape(folded)[:-3], [-1], left_shape[-1:]], axis=0))
+    product = tf.matmul(folded, right, adjoint_b=adjoint_right)  # (*b, n·M, N)
+    product_shape = tf.shape(product)
+    product = tf.reshape(product, tf.concat([product_shape[:-2], left_shape[:1], left_shape[-2:-1],
+                                             product_shape[-1:]], axis=0))  # (*b, n, M, N)
+    out_rank = product.shape.rank
+    to_samples_first = [out_rank - 3] + list(range(out_rank - 3)) + [out_rank - 2, out_rank - 1]
+    return _pfor.wrap(tf.transpose(product, to_samples_first), True)
 
+
+_CONVERTERS: Dict[str, Callable[[Any], Optional[Any]]] = {
+    "Conv2DBackpropFilter": _patches_filter_gradients,
+    "BatchMatMulV2": _per_sample_rows_times_shared,
+    "BatchMatMul": _per_sample_rows_times_shared,
+}
+
+
+def _with_fallback(ours: Callable[[Any], Optional[Any]], original: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def converter(pfor_input: Any) -> Any:
-        converted = _patches_filter_gradients(pfor_input)
+        converted = ours(pfor_input)
         return converted if converted is not None else original(pfor_input)
 
-    registry[_OP] = converter
+    return converter
+
+
+@contextlib.contextmanager
+def per_sample_converters() -> Iterator[None]:
+    """Within the block, trace ``vectorized_map`` with the converters of this module (then restore TensorFlow's)."""
+    registry = getattr(_pfor, "_pfor_converter_registry", None)
+    if not isinstance(registry, dict) or not hasattr(_pfor, "wrap"):
+        yield
+        return
+    originals = {name: registry.get(name) for name in _CONVERTERS}
+    for name, ours in _CONVERTERS.items():
+        if originals[name] is not None:
+            registry[name] = _with_fallback(ours, originals[name])
     try:
         yield
     finally:
-        registry[_OP] = original
+        for name, original in originals.items():
+            if original is not None:
+                registry[name] = original
