@@ -57,3 +57,59 @@ def test_conv1d_per_sample_gradients_match_per_sample_tapes():
     vectorized = influence_model.batch_jacobian_tensor((tf.constant(x), tf.constant(y))).numpy()
     expected = per_sample_loop(model, loss, x, y)
     np.testing.assert_allclose(vectorized, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_attention_per_sample_gradients_match_per_sample_tapes():
+    """Every weight of a MultiHeadAttention model: the (n, 1, T, D) x (D, E) products pfor emits for its
+    projections used to crash under oneDNN; the folded-rows converter must give the tapes' values."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((12, 8))
+    hidden = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs)
+    hidden = keras.layers.LayerNormalization()(hidden + inputs)
+    hidden = keras.layers.Dense(6, activation="relu")(hidden)  # Dense on a sequence: a batched product too
+    outputs = keras.layers.Dense(3, use_bias=False)(keras.layers.GlobalAveragePooling1D()(hidden))
+    model = keras.Model(inputs, outputs)
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 12, 8)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, size=5)]
+    influence_model = InfluenceModel(model, start_layer=1, last_layer=-1, loss_function=loss)
+    vectorized = influence_model.batch_jacobian_tensor((tf.constant(x), tf.constant(y))).numpy()
+    expected = per_sample_loop(model, loss, x, y)
+    np.testing.assert_allclose(vectorized, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("adjoint_a, adjoint_b", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("shared_shape", [(4, 5), (3, 4, 5)])
+def test_batched_product_with_shared_operand_matches_a_loop(adjoint_a, adjoint_b, shared_shape):
+    """The converter on its own: per-sample left operands (1, M, K) or (3, M, K) times a shared matrix or stack
+    of matrices, with every adjoint combination, against the products taken one sample at a time."""
+    rng = np.random.default_rng(6)
+    left = rng.normal(size=(7, 1, 6, 4)).astype(np.float32)
+    if adjoint_a:
+        left = np.swapaxes(left, -1, -2).copy()
+    shared = rng.normal(size=shared_shape).astype(np.float32)
+    if adjoint_b:
+        shared = np.swapaxes(shared, -1, -2).copy()
+    shared_tensor = tf.constant(shared)
+
+    @tf.function
+    def vectorized(values):
+        with per_sample_converters():
+            return tf.vectorized_map(lambda value: tf.linalg.matmul(value, shared_tensor, adjoint_a=adjoint_a,
+                                                                    adjoint_b=adjoint_b), values)
+
+    expected = np.stack([np.matmul(np.swapaxes(value, -1, -2) if adjoint_a else value,
+                                   np.swapaxes(shared, -1, -2) if adjoint_b else shared) for value in left])
+    np.testing.assert_allclose(vectorized(tf.constant(left)).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_all_converters_are_restored_after_the_block():
+    from tensorflow.python.ops.parallel_for import pfor  # pylint: disable=import-outside-toplevel,no-name-in-module
+    registry = pfor._pfor_converter_registry  # pylint: disable=protected-access
+    originals = {name: registry[name] for name in ("BatchMatMulV2", "Conv2DBackpropFilter")}
+    with pytest.raises(RuntimeError):
+        with per_sample_converters():
+            assert all(registry[name] is not original for name, original in originals.items())
+            raise RuntimeError("leave the block")
+    assert all(registry[name] is original for name, original in originals.items())

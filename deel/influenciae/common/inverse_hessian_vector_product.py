@@ -10,6 +10,7 @@ the exact solver). Vectors are laid out as columns: a batch of B vectors is a (P
 * :class:`ConjugateGradientDescentIHVP`: conjugate gradients on mean Hessian-vector products, no P×P matrix.
 * :class:`LissaIHVP`: the LiSSA fixed-point iteration on mean Hessian-vector products.
 """
+import warnings
 from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any, Optional, Tuple, Union
@@ -21,8 +22,8 @@ import tensorflow as tf
 from ..utils.conjugate_gradients import KrylovBasis, block_conjugate_gradients_solve, conjugate_gradients_solve
 from ..utils.linear_algebra import (blocked_cholesky_solve, blocked_triangular_solve, damped_cholesky, symmetric_eigh,
                                     symmetric_eigvalsh)
-from ..utils.tf_operations import (assert_batched_dataset, assert_known_cardinality, compute_batches,
-                                   split_model_shared)
+from ..utils.model_split import NotSplittableError, split_model_shared
+from ..utils.tf_operations import assert_batched_dataset, assert_known_cardinality, compute_batches
 from .autodiff import compile_function
 from .model_wrappers import BaseInfluenceModel, InfluenceModel, non_finite_error
 
@@ -356,8 +357,15 @@ def _split_for_hvp(model: BaseInfluenceModel, extractor_layer: Optional[Union[in
     """
     cache = model.kernels.compiled_cache.setdefault("hvp_split", {})
     if extractor_layer not in cache:
-        extractor, head = (None, model.model) if extractor_layer is None else \
-            split_model_shared(model.model, extractor_layer)
+        extractor, head = None, model.model
+        if extractor_layer is not None:
+            try:
+                extractor, head = split_model_shared(model.model, extractor_layer)
+            except NotSplittableError as error:
+                # Correct without a cut, only slower: every Hessian-vector product runs the whole model.
+                warnings.warn(f"The model cannot be cut at extractor_layer={extractor_layer!r} ({error}); "
+                              "Hessian-vector products will run the whole model on the raw inputs.",
+                              RuntimeWarning, stacklevel=4)
         head_ids = {id(variable) for variable in head.variables}
         outside = [variable.path for variable in model.weights if id(variable) not in head_ids]
         if outside:

@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.model_wrappers import check_unreduced_loss
-from ..utils.tf_operations import assert_batched_dataset, split_model
+from ..utils.model_split import LayerInputCapture, NotSplittableError, split_model
+from ..utils.tf_operations import assert_batched_dataset, find_layer
 
 
 def check_last_layer(model: keras.Model) -> keras.layers.Dense:
@@ -71,7 +72,7 @@ class BaseRepresenterPoint(BaseInfluenceCalculator):
         self.train_set = train_set
         self.loss_function = loss_function
         self.target_layer = target_layer
-        self.feature_extractor, self.original_head = split_model(model, target_layer)
+        self.feature_extractor, self.original_head = self._split(model, target_layer)
         self._last_layer = self.original_head.layers[-1]
         self.n_classes = int(self._last_layer.units)
         self.dtype = tf.as_dtype(self._last_layer.kernel.dtype)
@@ -81,6 +82,24 @@ class BaseRepresenterPoint(BaseInfluenceCalculator):
         self.logits_head.layers[-1].activation = keras.activations.linear
         computing = [layer for layer in self.original_head.layers if not isinstance(layer, keras.layers.InputLayer)]
         self.head_is_last_layer = len(computing) == 1
+
+    @staticmethod
+    def _split(model: keras.Model, target_layer: Union[int, str]) -> Tuple[Callable, keras.Model]:
+        """``(feature extractor, head)``: a copy of the model cut at ``target_layer``; for a model without a graph
+        (subclassed), the input of the last layer captured while the model runs, and a copy of that layer."""
+        try:
+            return split_model(model, target_layer)
+        except NotSplittableError as error:
+            last = model.layers[-1]
+            if find_layer(model, target_layer) is not last:
+                raise ValueError(f"The model cannot be cut at target_layer={target_layer!r} ({error}); for such a "
+                                 "model (e.g. subclassed) the features can only be the input of the last layer: "
+                                 "use target_layer=-1.") from error
+            features = int(last.kernel.shape[0])
+            head_layer = keras.layers.Dense.from_config(last.get_config())
+            head = keras.Sequential([keras.Input((features,), dtype=last.kernel.dtype), head_layer])
+            head_layer.set_weights(last.get_weights())
+            return LayerInputCapture(model, last), head
 
     # Building blocks ----------------------------------------------------------------------------
     def _features(self, inputs) -> tf.Tensor:
