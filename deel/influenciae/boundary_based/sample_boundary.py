@@ -14,6 +14,7 @@ close to the boundary get the largest scores.
 from typing import Any, Callable, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import SelfInfluenceCalculator
@@ -31,7 +32,7 @@ def check_classifier(model: Any, step_nbr: int, eps: float) -> None:
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
-    if isinstance(step_nbr, bool) or not isinstance(step_nbr, int):
+    if isinstance(step_nbr, bool) or not isinstance(step_nbr, (int, np.integer)):
         raise TypeError(f"step_nbr must be an integer, got {step_nbr!r}.")
     if step_nbr < 1:
         raise ValueError(f"step_nbr must be >= 1, got {step_nbr}.")
@@ -135,7 +136,7 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
     def __init__(self, model: keras.Model, step_nbr: int = 100, eps: float = 1e-6):
         check_classifier(model, step_nbr, eps)
         self.model = model
-        self.step_nbr = step_nbr
+        self.step_nbr = int(step_nbr)
         self.eps = float(eps)
         self._distances = tf.function(self._distances_eager, reduce_retracing=True)
         self._attack_compiled = tf.function(self._attack, reduce_retracing=True)

@@ -19,7 +19,9 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from ..utils.progress import LOGGER
 from .autodiff import compile_function
+from .memory import DEFAULT_MEMORY_BUDGET_BYTES
 from .inverse_hessian_vector_product import ForwardOverBackwardHVP, InverseHessianVectorProduct
 from .model_wrappers import BaseInfluenceModel, assert_finite
 
@@ -276,7 +278,12 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         (k,) ``1 / (λ_j + λ_reg)`` (0 for dropped eigenvalues).
     restarts : int
         Krylov breakdowns met (each one restarted the iteration in the orthogonal complement).
+    memory_budget_bytes : int
+        Class attribute (default 4 GiB): the samples are held in memory for the Hessian-vector products only below
+        it; above it every product streams them (the Python Arnoldi loop is used then).
     """
+
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
 
     def __init__(self, model: BaseInfluenceModel, train_dataset: tf.data.Dataset, subspace_dim: Optional[int] = None,
                  k_largest_eig_vals: Optional[int] = None, force_hermitian: bool = True, regularization: float = 0.0,
@@ -302,7 +309,8 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
             rcond = 10.0 * nb_params * float(np.finfo(model.dtype.as_numpy_dtype).eps)  # pylint: disable=no-member
         self.rcond = float(rcond)
         self.dtype = tf.as_dtype(dtype) if dtype is not None else model.dtype
-        self.hessian_vector_product = ForwardOverBackwardHVP(model, train_dataset, chunk_size=hvp_batch_size)
+        self.hessian_vector_product = ForwardOverBackwardHVP(model, train_dataset, chunk_size=hvp_batch_size,
+                                                             memory_budget_bytes=self.memory_budget_bytes)
         self.restarts = 0
         eig_vals, projections = self.arnoldi(nb_params)
         self._set_eigenpairs(eig_vals, projections)
@@ -345,16 +353,20 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         rng = self._rng()
         start = rng.standard_normal(dim)
         tolerance = _breakdown_tolerance(self.model.dtype)
-        compiled = _finished(*self._compiled_arnoldi()(self.hessian_vector_product.samples,
-                                                        tf.constant(self.hessian_vector_product.chunk_size),
-                                                        tf.constant(start), tf.constant(self.subspace_dim),
-                                                        tf.constant(tolerance, tf.float64)))
+        compiled = None
+        if self.hessian_vector_product.samples is not None:  # held in memory: one compiled loop
+            compiled = _finished(*self._compiled_arnoldi()(self.hessian_vector_product.samples,
+                                                            tf.constant(self.hessian_vector_product.chunk_size),
+                                                            tf.constant(start), tf.constant(self.subspace_dim),
+                                                            tf.constant(tolerance, tf.float64)))
         if compiled is not None:
             basis, projected = compiled
             self.restarts = 0
-        else:  # a Krylov breakdown: the Python loop restarts in the orthogonal complement
+        else:  # streamed samples, or a Krylov breakdown: the Python loop (restarts in the orthogonal complement)
             basis, projected, self.restarts = arnoldi_iteration(self._numpy_hvp, start, self.subspace_dim, rng,
                                                                 tolerance)
+        LOGGER.info("Arnoldi: %d Krylov vectors built (%d restarts), keeping the %d largest Ritz values",
+                    self.subspace_dim, self.restarts, self.k_largest_eig_vals)
         return distill(projected, basis, self.k_largest_eig_vals, self.force_hermitian)
 
     def _set_eigenpairs(self, eig_vals: np.ndarray, projections: np.ndarray) -> None:

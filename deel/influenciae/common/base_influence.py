@@ -14,17 +14,21 @@ Datasets are batched ``tf.data`` datasets of ``(x, y)`` (or ``(x, y, sample_weig
 reference's structures: datasets of ``((x, y), values)`` and friends.
 """
 import os
+import warnings
 from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any, Optional, Tuple, Union
 
+import numpy as np
 import tensorflow as tf
 
 from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
 from ..utils.sorted_dict import ORDER
 from ..utils.tf_operations import (assert_batched_dataset, assert_known_cardinality, compute_batches, dataset_size,
                                    get_device, map_to_device)
-from .model_wrappers import assert_finite
+from ..utils.progress import progress_bar
+from .model_wrappers import BaseInfluenceModel, assert_finite
+from .train_streaming import TrainStreaming, ragged_by_batches
 
 
 class CACHE(Enum):
@@ -49,10 +53,27 @@ def _concat(parts: list) -> Any:
     return tf.nest.map_structure(lambda *tensors: tf.concat(tensors, axis=0), *parts)
 
 
+def _batch_count(dataset: tf.data.Dataset) -> Optional[int]:
+    """Number of batches, or None when unknown."""
+    count = int(tf.data.experimental.cardinality(dataset))
+    return count if count >= 0 else None
+
+
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    """``k`` as a Python int (NumPy integers accepted); ``ValueError`` unless it is an integer >= 1."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}.")
-    return k
+    return int(k)
+
+
+def _check_samples(calculator: Any, dataset: tf.data.Dataset, name: str) -> None:
+    """Read ``dataset`` once and check every batch before a lazily computed result is returned: finite floating
+    values (:func:`compute_batches`) and inputs shaped like those of the calculator's models."""
+    models = getattr(calculator, "models", None) or [getattr(calculator, "model", None)]
+    models = [model for model in models if isinstance(model, BaseInfluenceModel)]
+    for batch in compute_batches(dataset, name):
+        for model in models:
+            model.check_batch(batch)
 
 
 class SelfInfluenceCalculator(ABC):
@@ -99,7 +120,9 @@ class SelfInfluenceCalculator(ABC):
         # Eager loop over batches: the hooks call compiled kernels, and this avoids re-instantiating a
         # tf.data map function per call (a fixed ~0.1 s that dominates on small data).
         with tf.device(get_device(device)):
-            values = [self._compute_influence_value_from_batch(tuple(batch)) for batch in compute_batches(train_set)]
+            values = [self._compute_influence_value_from_batch(tuple(batch))
+                      for batch in progress_bar(compute_batches(train_set), _batch_count(train_set), "self-influence",
+                                                getattr(self, "verbose", None))]
         if not values:
             raise ValueError("train_set is empty.")
         values = tf.concat(values, axis=0)
@@ -134,13 +157,17 @@ class SelfInfluenceCalculator(ABC):
         ValueError
             If ``k < 1`` or ``k`` exceeds the number of training samples.
         """
-        _check_k(k)
+        k = _check_k(k)
+        _check_samples(self, train_set, "train_set")
         values_ds = self.compute_influence_values(train_set)
         searcher = LinearNearestNeighbors()
         searcher.build(values_ds, lambda _, values: tf.reshape(values, (1, -1)), k,
                        d_type=values_ds.element_spec[1].dtype, order=order)
         values, samples, indices = searcher.query_with_indices(tf.zeros((1, 1)))
-        if bool(tf.reduce_any(indices < 0)):
+        if bool(tf.reduce_any(indices < 0)) or not bool(tf.reduce_all(tf.math.is_finite(values))):
+            # Non-finite values are left out of the search: recompute them eagerly, where the method's own checks
+            # say where they come from (e.g. which TracIn checkpoint), before blaming k.
+            self._compute_influence_values(train_set)
             raise ValueError(f"k={k} is larger than the number of training samples "
                              f"({int(tf.reduce_sum(tf.cast(indices >= 0, tf.int32)))}).")
         assert_finite(values, "self-influence values")
@@ -166,7 +193,7 @@ class SelfInfluenceCalculator(ABC):
         return tf.data.Dataset.load(path)
 
 
-class BaseInfluenceCalculator(SelfInfluenceCalculator):
+class BaseInfluenceCalculator(TrainStreaming, SelfInfluenceCalculator):
     """Base of the methods whose influence is a similarity between a test-side representation and a
     training-side influence vector (influence functions, TracIn, representer points, Arnoldi).
 
@@ -233,7 +260,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         """Compute every influence vector once; return the dataset ``((x, y), vectors)`` built from memory,
         the number of samples and the concatenated vectors."""
         batches, vectors, lengths = [], [], []
-        for batch in compute_batches(train_set):
+        for batch in progress_bar(compute_batches(train_set), _batch_count(train_set), "influence vectors",
+                                  getattr(self, "verbose", None)):
             batches.append(tuple(batch))
             vectors.append(self._compute_influence_vector(tuple(batch)))
             lengths.append(int(_first_dim(batch)))
@@ -257,8 +285,13 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if not isinstance(cache, CACHE):
             raise TypeError(f"influence_vector_in_cache must be a CACHE member, got {cache!r}.")
         if cache == CACHE.MEMORY:
-            dataset, size, _ = self._materialized_influence_vectors(train_set, save_path)
-            return dataset, size
+            if save_path is not None or self._vectors_fit_in_memory(train_set):
+                dataset, size, _ = self._materialized_influence_vectors(train_set, save_path)
+                return dataset, size
+            warnings.warn(f"The training set's influence vectors would take more than memory_budget_bytes="
+                          f"{self.memory_budget_bytes}: they are recomputed for every batch to evaluate instead of "
+                          "held in memory (CACHE.MEMORY). Raise the calculator's memory_budget_bytes to hold them.",
+                          ResourceWarning, stacklevel=3)
         assert_known_cardinality(train_set, "train_set")
         if cache == CACHE.DISK and load_path is not None:
             saved = self._load_dataset(load_path)
@@ -316,6 +349,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             ``((x_train, y_train), values)`` with ``values`` of shape (B_test, B_train).
         """
         assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
+        _check_samples(self, dataset_to_evaluate, "dataset_to_evaluate")  # the values are computed lazily
         inf_vect_ds, _ = self._influence_vector_dataset(train_set, influence_vector_in_cache,
                                                         load_influence_vector_path, save_influence_vector_path, device)
         result = dataset_to_evaluate.map(
@@ -327,7 +361,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     def estimate_influence_values_matrix(self, dataset_to_evaluate: tf.data.Dataset,
                                          train_set: tf.data.Dataset) -> tf.Tensor:
-        """All pairwise influence values as one matrix (N_test, N_train), training vectors computed once.
+        """All pairwise influence values as one matrix (N_test, N_train), in one pass over the training set (per
+        chunk of test samples that fits ``memory_budget_bytes``); no training-side vectors are held.
 
         Raises
         ------
@@ -335,14 +370,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             If a value is not finite.
         """
         assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
-        _, _, vectors = self._materialized_influence_vectors(train_set, None)
-        rows = [self._estimate_influence_values_from_influence_vector(tuple(batch), vectors)
-                for batch in compute_batches(dataset_to_evaluate)]
-        if not rows:
-            raise ValueError("dataset_to_evaluate is empty.")
-        values = tf.concat(rows, axis=0)
-        assert_finite(values, "influence values")
-        return values
+        assert_batched_dataset(train_set, "train_set")
+        return self._streamed_matrix(dataset_to_evaluate, train_set)
 
     # Top-k ----------------------------------------------------------------------------------------
     def top_k(self, dataset_to_evaluate: tf.data.Dataset, train_set: tf.data.Dataset, k: int = 5,
@@ -352,6 +381,11 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
               order: ORDER = ORDER.DESCENDING, d_type: tf.DType = tf.float32, device: Optional[str] = None,
               return_indices: bool = False) -> tf.data.Dataset:
         """The k most (or least) influential training samples for every sample to evaluate.
+
+        With the defaults (``CACHE.MEMORY``, no vector paths, the exact search) the result is computed now, in one
+        pass over the training set per chunk of test samples that fits ``memory_budget_bytes``: only the test side
+        (T × D) and k values per test sample are held, never the N × D training vectors. Otherwise the training
+        vectors are cached as ``influence_vector_in_cache`` says and the search runs lazily per test batch.
 
         Parameters
         ----------
@@ -388,11 +422,23 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         ValueError
             If ``k < 1`` or ``k > N_train``.
         """
-        _check_k(k)
+        k = _check_k(k)
         if isinstance(nearest_neighbors, ORDER):
             # top_k(test, train, k, ORDER.X): the order given positionally, as in the reference's README.
             nearest_neighbors, order = None, nearest_neighbors
         assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
+        if nearest_neighbors is None and influence_vector_in_cache == CACHE.MEMORY and \
+                load_influence_vector_ds_path is None and save_influence_vector_ds_path is None:
+            assert_batched_dataset(train_set, "train_set")
+            with tf.device(get_device(device)):
+                batches, values, samples, indices = self._streamed_top_k(dataset_to_evaluate, train_set, k, order,
+                                                                         tf.as_dtype(d_type))
+            per_sample = (values, samples, indices) if return_indices else (values, samples)
+            result = ragged_by_batches(batches, *per_sample)
+            if save_top_k_ds_path is not None:
+                self._save_dataset(result, save_top_k_ds_path)
+            return result
+        _check_samples(self, dataset_to_evaluate, "dataset_to_evaluate")  # the search runs lazily
         inf_vect_ds, size = self._influence_vector_dataset(train_set, influence_vector_in_cache,
                                                            load_influence_vector_ds_path,
                                                            save_influence_vector_ds_path, device)

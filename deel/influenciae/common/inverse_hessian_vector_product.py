@@ -23,11 +23,11 @@ from ..utils.conjugate_gradients import KrylovBasis, block_conjugate_gradients_s
 from ..utils.linear_algebra import (blocked_cholesky_solve, blocked_triangular_solve, damped_cholesky, symmetric_eigh,
                                     symmetric_eigvalsh)
 from ..utils.model_split import NotSplittableError, split_model_shared
-from ..utils.tf_operations import assert_batched_dataset, assert_known_cardinality, compute_batches
+from ..utils.tf_operations import assert_batched_dataset, assert_known_cardinality, compute_batches, dataset_size
+from ..utils.progress import LOGGER, progress_bar
 from .autodiff import compile_function
+from .memory import DEFAULT_MEMORY_BUDGET_BYTES, structure_bytes
 from .model_wrappers import BaseInfluenceModel, InfluenceModel, non_finite_error
-
-DEFAULT_MEMORY_BUDGET_BYTES = 4 * 1024 ** 3
 
 
 class InverseHessianVectorProduct(ABC):
@@ -105,9 +105,31 @@ class InverseHessianVectorProduct(ABC):
         return group.map(lambda *batch: self._compute_hvp_single_batch(batch, use_gradient))
 
 
-def estimate_exact_hessian_bytes(nb_params: int) -> int:
-    """Bytes held while factorising a P×P Hessian: float64 matrix and eigenvectors plus two float32 copies."""
-    return int(nb_params) ** 2 * (8 + 8 + 4 + 4)
+def estimate_exact_hessian_bytes(nb_params: int, dtype: tf.DType = tf.float32, several_batches: bool = False) -> int:
+    """Peak bytes held while :class:`ExactIHVP` builds and factorises a P×P Hessian, counting every temporary.
+
+    In units of P² elements (s: bytes of ``dtype``; t: bytes of the accumulation, 8 when several batches are summed in
+    float64, s otherwise), the stages are:
+
+    * accumulation: the batch's Jacobian loop (its array of rows and the stacked result, 2s) plus, with several
+      batches, the float64 sum, the cast batch and the new sum (24);
+    * symmetrisation: the sum, its transpose, the mean and the damped mean (4t) and the mean in ``dtype`` (s);
+    * Cholesky (λ > 0): the kept mean (t + s), the damped matrix (t), its float64 and ``dtype`` copies and factors
+      (8 + 8 + 2s);
+    * the eigendecomposition (λ = 0, or the fallback when ``H + λI`` is not positive definite): the kept mean
+      (t + s), the float64 matrix, NumPy's copy, LAPACK's matrix and workspace (8 + 8 + 8 + 16), the eigenvectors
+      returned to TensorFlow (8), the scaled product and the inverse (8 + 8), and the inverse in ``dtype`` (s).
+
+    The largest stage is returned: since a Cholesky that fails falls back to the eigendecomposition, that is the
+    eigendecomposition stage for every realistic ``dtype``.
+    """
+    size = tf.as_dtype(dtype).size
+    accumulated = 8 if several_batches else size
+    stages = [2 * size + (24 if several_batches else 0),
+              4 * accumulated + size,
+              accumulated + size + accumulated + 16 + 2 * size,
+              accumulated + size + 8 + 8 + 8 + 16 + 8 + 8 + 8 + size]
+    return int(nb_params) ** 2 * max(stages)
 
 
 # Compiled once for the module (not per solver): traces are shared by every ExactIHVP with the same P and dtype.
@@ -149,7 +171,8 @@ class ExactIHVP(InverseHessianVectorProduct):
     regularization
         λ ≥ 0: solve with ``H + λ I``.
     memory_budget_bytes
-        Refuse (``MemoryError``-free ``ValueError``) when the P×P matrices would need more than this.
+        Refuse (``MemoryError``-free ``ValueError``) when the peak of the P×P matrices and their temporaries
+        (:func:`estimate_exact_hessian_bytes`, also kept as ``memory_estimate_bytes``) would exceed this.
     rcond
         Relative cut-off for small eigenvalues; default ``10 · P · eps`` of the model's dtype (numpy/TF pinv).
     hessian_batch_size
@@ -169,7 +192,13 @@ class ExactIHVP(InverseHessianVectorProduct):
         Precision in which L was computed (the model's dtype or float64), None without a Cholesky factor.
     eigenvalues : tf.Tensor
         (P,) eigenvalues of the mean Hessian, float64, ascending (computed lazily).
+    memory_estimate_bytes : int
+        The peak memory estimate checked against ``memory_budget_bytes``.
+    verbose : bool or None
+        Class attribute: progress bar over the Hessian's batches (None: in interactive sessions only).
     """
+
+    verbose: Optional[bool] = None
 
     def __init__(self, model: BaseInfluenceModel, train_dataset: Optional[tf.data.Dataset] = None,
                  train_hessian: Optional[Union[tf.Tensor, np.ndarray]] = None, regularization: float = 0.0,
@@ -184,7 +213,14 @@ class ExactIHVP(InverseHessianVectorProduct):
             raise ValueError(f"regularization must be a finite number >= 0, got {regularization}.")
         self.regularization = regularization
         nb_params = model.nb_params
-        needed = estimate_exact_hessian_bytes(nb_params)
+        if train_hessian is not None:
+            several_batches = True
+        elif hessian_batch_size:
+            several_batches = dataset_size(train_dataset) > int(hessian_batch_size)
+        else:
+            several_batches = self.cardinality != 1
+        needed = estimate_exact_hessian_bytes(nb_params, model.dtype, several_batches)
+        self.memory_estimate_bytes = needed
         if needed > memory_budget_bytes:
             raise ValueError(
                 f"ExactIHVP would need about {needed / 1024 ** 3:.2f} GiB for the {nb_params}x{nb_params} Hessian, "
@@ -247,7 +283,9 @@ class ExactIHVP(InverseHessianVectorProduct):
         count = 0
         if self.hessian_batch_size:
             dataset = dataset.rebatch(self.hessian_batch_size)
-        for batch in compute_batches(dataset):
+        count_batches = int(tf.data.experimental.cardinality(dataset))
+        for batch in progress_bar(compute_batches(dataset), count_batches if count_batches >= 0 else None,
+                                  "Hessian", self.verbose):
             batch_hessian = self.model.batch_hessian_tensor(batch)
             total = batch_hessian if total is None else tf.cast(total, tf.float64) + tf.cast(batch_hessian, tf.float64)
             count += int(tf.shape(tf.nest.flatten(batch)[0])[0])
@@ -281,7 +319,8 @@ HVP_CHUNK_FLOATS = 2 ** 26
 class ForwardOverBackwardHVP:
     """Mean Hessian-vector products over a dataset, without forming the Hessian.
 
-    The dataset is gathered in memory once; each call then walks it in chunks inside one compiled loop. Per
+    When the dataset fits ``memory_budget_bytes`` it is gathered in memory once and each call walks it in chunks
+    inside one compiled loop; otherwise every call streams it, one batch at a time (memory of one batch). Per
     chunk, the product of the Hessian of the chunk's summed loss with each of the K vectors is one more backward
     pass through the chunk's gradient (double backward, in a loop over the K vectors); the sum over chunks is divided
     by the number of samples.
@@ -299,10 +338,12 @@ class ForwardOverBackwardHVP:
         input floats per sample)``, at most the dataset: the whole digits set, 1,437 samples of 64 features, is one
         chunk; 32 × 32 × 3 images give chunks of 341). Larger chunks are
         faster and use more memory for activations.
+    memory_budget_bytes
+        Most bytes of samples held in memory (default 4 GiB); above it, the samples are streamed.
     """
 
     def __init__(self, model: BaseInfluenceModel, train_dataset: tf.data.Dataset, weights: Any = None,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES):
         if weights is not None and [id(w) for w in weights] != [id(w) for w in model.weights]:
             raise ValueError("weights must be the model's watched weights (model.weights).")
         assert_batched_dataset(train_dataset, "train_dataset")
@@ -310,23 +351,35 @@ class ForwardOverBackwardHVP:
         self.model = model
         self.train_dataset = train_dataset
         self.kernels = model.kernels
-        batches = [tuple(batch) for batch in compute_batches(train_dataset)]
-        if not batches:
+        first = next(iter(compute_batches(train_dataset.take(1))), None)
+        if first is None:
             raise ValueError("train_dataset is empty.")
-        self.samples = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
-        self.nb_samples = int(tf.shape(tf.nest.flatten(self.samples)[0])[0])
-        first_batch = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
+        first_batch = int(tf.shape(tf.nest.flatten(first)[0])[0])
+        self.samples = None  # streamed: each product is one pass over train_dataset
+        self.nb_samples = dataset_size(train_dataset)
+        if structure_bytes(first) / first_batch * self.nb_samples <= memory_budget_bytes:
+            batches = [tuple(batch) for batch in compute_batches(train_dataset)]
+            self.samples = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
+        else:
+            LOGGER.info("Hessian-vector products stream their %d samples (above memory_budget_bytes=%d).",
+                        self.nb_samples, memory_budget_bytes)
         self.chunk_size = int(chunk_size) if chunk_size else max(first_batch, self._memory_chunk())
 
     def _memory_chunk(self) -> int:
         """Samples per chunk allowed by a memory estimate from the input size (activations taken as 64 times the
         inputs), within [1, N]."""
-        floats_per_sample = sum(int(np.prod(tensor.shape[1:])) for tensor in tf.nest.flatten(self.samples)
+        spec = self.train_dataset.element_spec
+        floats_per_sample = sum(int(np.prod(tensor.shape[1:])) for tensor in tf.nest.flatten(spec)
                                 if tensor.dtype.is_floating)
         return int(min(self.nb_samples, max(1, HVP_CHUNK_FLOATS // (64 * max(1, floats_per_sample)))))
 
     def _mean_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
-        return self.kernels.chunked_mean_hvp(self.samples, vectors, tf.constant(self.chunk_size))
+        if self.samples is not None:
+            return self.kernels.chunked_mean_hvp(self.samples, vectors, tf.constant(self.chunk_size))
+        total = tf.zeros_like(vectors)
+        for batch in compute_batches(self.train_dataset):
+            total += self.kernels.summed_hvp(tuple(batch), vectors)
+        return total / tf.cast(self.nb_samples, vectors.dtype)
 
     def __call__(self, vectors: tf.Tensor) -> tf.Tensor:
         """Mean HVP: vectors (P,), (P, 1) or (P, K) -> (P, 1) or (P, K)."""
@@ -399,7 +452,17 @@ class IterativeIHVP(InverseHessianVectorProduct):
         λ ≥ 0: solve with ``H + λ I``.
     hvp_batch_size
         Batch size of the cached features for the HVP passes (default: the dataset's first batch size).
+
+    Attributes
+    ----------
+    memory_budget_bytes : int
+        Class attribute (default 4 GiB): the cached head inputs are held in memory only below it; above it they are
+        recomputed and streamed on every pass of Hessian-vector products (memory of one batch).
+    weights : list
+        The watched weights (``model.weights``), as in the reference.
     """
+
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
 
     def __init__(self, model: BaseInfluenceModel, extractor_layer: Optional[Union[int, str]],
                  train_dataset: tf.data.Dataset, n_opt_iters: int = 100,
@@ -415,6 +478,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
             raise ValueError(f"regularization must be a finite number >= 0, got {regularization}.")
         self.n_opt_iters = int(n_opt_iters)
         self.regularization = regularization
+        self.weights = model.weights
         if extractor_layer is None:
             extractor_layer = getattr(model, "start_layer_index", None)
         self.extractor_layer = extractor_layer
@@ -424,7 +488,8 @@ class IterativeIHVP(InverseHessianVectorProduct):
         self.feature_extractor = extractor
         self.feature_dataset = self._cache_features(train_dataset, hvp_batch_size)
         self.hessian_vector_product = ForwardOverBackwardHVP(self.head_model, self.feature_dataset,
-                                                             chunk_size=hvp_batch_size)
+                                                             chunk_size=hvp_batch_size,
+                                                             memory_budget_bytes=self.memory_budget_bytes)
         self._solve = compile_function(self._solve_eager)
 
     def _solve_eager(self, vectors: tf.Tensor) -> tf.Tensor:
@@ -434,19 +499,26 @@ class IterativeIHVP(InverseHessianVectorProduct):
     def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
         return self._solve(tf.cast(vectors, self.model.dtype))
 
+    def _features_of(self, batch: Tuple) -> Tuple:
+        inputs, targets, sample_weight = self.model.process_batch_for_loss_fn(batch)
+        features = inputs if self.feature_extractor is None else self.feature_extractor(inputs, training=False)
+        return (features, targets) if sample_weight is None else (features, targets, sample_weight)
+
     def _cache_features(self, dataset: tf.data.Dataset, hvp_batch_size: Optional[int]) -> tf.data.Dataset:
-        parts = []
-        first_size = None
-        for batch in compute_batches(dataset):
-            inputs, targets, sample_weight = self.model.process_batch_for_loss_fn(batch)
-            features = inputs if self.feature_extractor is None else self.feature_extractor(inputs, training=False)
-            parts.append((features, targets) if sample_weight is None else (features, targets, sample_weight))
-            first_size = first_size or int(tf.shape(tf.nest.flatten(targets)[0])[0])
-        if not parts:
+        """The head's inputs: held in memory when they fit ``memory_budget_bytes``, else computed per pass."""
+        first = next(iter(compute_batches(dataset.take(1))), None)
+        if first is None:
             raise ValueError("train_dataset is empty.")
+        first_features = self._features_of(tuple(first))
+        self._batch_shape = tf.shape(tf.nest.flatten(first_features[0])[0])
+        first_size = int(tf.shape(tf.nest.flatten(first_features[1])[0])[0])
+        if structure_bytes(first_features) / first_size * dataset_size(dataset) > self.memory_budget_bytes:
+            LOGGER.info("The head's inputs of %s are computed on every pass (above memory_budget_bytes=%d).",
+                        type(self).__name__, self.memory_budget_bytes)
+            return dataset.map(lambda *batch: self._features_of(batch))
+        parts = [self._features_of(tuple(batch)) for batch in compute_batches(dataset)]
         stacked = tuple(tf.nest.map_structure(lambda *tensors: tf.concat(tensors, axis=0), *column)
                         for column in zip(*parts))
-        self._batch_shape = tf.shape(tf.nest.flatten(parts[0][0])[0])
         return tf.data.Dataset.from_tensor_slices(stacked).batch(hvp_batch_size or first_size)
 
     def batch_shape_tensor(self) -> tf.Tensor:
@@ -532,6 +604,10 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
         solution, self.last_solve_info = block_conjugate_gradients_solve(
             self.damped_hvp, vectors, maxiter=self.n_opt_iters, tol=self.tol, atol=self.atol,
             basis=self.krylov_basis, return_info=True)
+        info = self.last_solve_info
+        LOGGER.info("Block CG: %d vectors, %d iterations, %s Hessian-vector products, largest residual %.3e",
+                    int(vectors.shape[1]), int(info["iterations"]), info.get("operator_columns", "?"),
+                    float(tf.reduce_max(info["residual_norm"])) if int(vectors.shape[1]) else 0.0)
         return solution
 
 
@@ -555,7 +631,18 @@ class LissaIHVP(IterativeIHVP):
         d, in [0, 1).
     scale
         s > 0.
+
+    Raises
+    ------
+    ValueError
+        From ``apply_inverse`` (and so every IHVP), when the iteration diverges: its iterates become non-finite or
+        their steps grow (they never grow when it converges, since each step is the previous one times a matrix
+        of norm < 1). The message gives the largest eigenvalue of ``H + λI`` found by power iteration and a
+        ``scale`` above it (or a ``regularization`` when H has negative eigenvalues). Inside a graph (e.g.
+        ``compute_ihvp``'s ``Dataset.map``) an assertion fails instead.
     """
+
+    GROWTH_LIMIT = 2.0  # divergence: the last step is longer than GROWTH_LIMIT times the first one
 
     def __init__(self, model: BaseInfluenceModel, extractor_layer: Optional[Union[int, str]] = None,
                  train_dataset: Optional[tf.data.Dataset] = None, n_opt_iters: int = 100,
@@ -569,14 +656,70 @@ class LissaIHVP(IterativeIHVP):
                          hvp_batch_size)
         self.damping = float(damping)
         self.scale = float(scale)
+        self._solve_checked = compile_function(self._iterate)
+
+    def _iterate(self, vectors: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        """The LiSSA iterates for (P, K) vectors: ``x / s`` (P, K), and whether the iteration stayed finite and its
+        steps did not grow (a scalar bool)."""
+        def step(iteration, estimate, first_step, _):
+            updated = vectors + (1.0 - self.damping) * estimate - self.damped_hvp(estimate) / self.scale
+            length = tf.norm(updated - estimate, axis=0)
+            return iteration + 1, updated, tf.where(iteration == 0, length, first_step), length
+
+        lengths = tf.zeros(tf.shape(vectors)[1:], vectors.dtype)
+        _, estimate, first_step, last_step = tf.while_loop(lambda iteration, *_: iteration < self.n_opt_iters, step,
+                                                           (tf.constant(0), vectors, lengths, lengths))
+        stable = tf.logical_and(tf.reduce_all(tf.math.is_finite(estimate)),
+                                tf.reduce_all(last_step <= self.GROWTH_LIMIT * first_step))
+        return estimate / self.scale, stable
 
     def _solve_eager(self, vectors: tf.Tensor) -> tf.Tensor:
-        def step(iteration, estimate):
-            return iteration + 1, vectors + (1.0 - self.damping) * estimate - self.damped_hvp(estimate) / self.scale
+        return self._iterate(vectors)[0]
 
-        _, estimate = tf.while_loop(lambda iteration, _: iteration < self.n_opt_iters, step,
-                                    (tf.constant(0), vectors))
-        return estimate / self.scale
+    def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``(H + λI + d·s·I)⁻¹ V`` for (P, K) vectors: (P, K).
+
+        Raises
+        ------
+        ValueError
+            If the iteration diverges (see the class docstring).
+        """
+        solution, stable = self._solve_checked(tf.cast(vectors, self.model.dtype))
+        if tf.executing_eagerly():
+            if not bool(stable):
+                raise self._divergence_error()
+            return solution
+        message = (f"LiSSA diverged: scale={self.scale} must exceed the largest eigenvalue of H + λI (and H + λI "
+                   "must be positive semi-definite); call apply_inverse eagerly for a suggested value.")
+        with tf.control_dependencies([tf.debugging.Assert(stable, [message])]):
+            return tf.identity(solution)
+
+    def _extreme_eigenvalue(self, shift: float = 0.0, iterations: int = 30) -> float:
+        """Eigenvalue of ``H + λI - shift·I`` of largest magnitude, by power iteration from a seeded vector."""
+        vector = tf.random.stateless_normal((self.model.nb_params, 1), seed=(0, 0), dtype=self.model.dtype)
+        value = 0.0
+        for _ in range(iterations):
+            vector = vector / tf.norm(vector)
+            product = self.damped_hvp(vector) - shift * vector
+            value = float(tf.reduce_sum(vector * product))
+            vector = product
+        return value
+
+    def _divergence_error(self) -> ValueError:
+        """The error of a diverging iteration, with the eigenvalues that explain it and a suggested setting."""
+        largest = self._extreme_eigenvalue()
+        lowest = largest + self._extreme_eigenvalue(shift=largest) if largest > 0 else largest
+        if lowest < -1e-6 * max(abs(largest), 1e-12):
+            return ValueError(
+                f"LiSSA diverged: H + λI has a negative eigenvalue (about {lowest:.3g} by power iteration, "
+                f"regularization={self.regularization}) and LiSSA needs a positive semi-definite matrix. Raise "
+                f"regularization above {-lowest:.2g} (e.g. regularization={self.regularization - 2 * lowest:.2g}) "
+                f"and keep scale above the largest eigenvalue (about {largest - 2 * lowest:.3g} then), or use "
+                "ExactIHVP / ConjugateGradientDescentIHVP with regularization.")
+        return ValueError(
+            f"LiSSA diverged (non-finite or growing iterates): scale={self.scale} must exceed the largest eigenvalue "
+            f"of H + λI, about {largest:.3g} by power iteration (regularization={self.regularization}). Use a larger "
+            f"scale, e.g. scale={float(f'{2 * largest:.2g}'):g}.")
 
 
 class IHVPCalculator(Enum):

@@ -3,10 +3,11 @@ import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from ..utils.tf_operations import (assert_batched_dataset, compute_batches, default_process_batch,
-                                   from_layer_name_to_layer_idx)
+from ..utils.tf_operations import (assert_batched_dataset, batch_origin, check_finite_batch, compute_batches,
+                                   default_process_batch, from_layer_name_to_layer_idx)
 from .autodiff import LossKernels
 
 ProcessBatchTypeAlias = Callable[[Tuple], Tuple[Any, Any, Optional[tf.Tensor]]]
@@ -88,6 +89,11 @@ class BaseInfluenceModel:
         self.loss_function = loss_function
         self.process_batch_for_loss_fn = process_batch_for_loss_fn
         self.kernels = LossKernels(model, weights, loss_function, process_batch_for_loss_fn)
+        try:  # the shapes batches must have (None for subclassed models without declared inputs)
+            inputs = model.inputs
+        except (AttributeError, ValueError):
+            inputs = None
+        self._input_shapes = [tuple(tensor.shape) for tensor in inputs] if inputs else None
         self.nb_params = self.kernels.nb_params
         self.dtype = self.kernels.dtype
         loss_dtype = getattr(loss_function, "dtype", None)
@@ -106,25 +112,58 @@ class BaseInfluenceModel:
         return self.model.layers
 
     # Batch-level derivatives --------------------------------------------------------------------
+    # Every kernel entry checks its batch first (check_batch): a NaN input can vanish inside compiled kernels and
+    # a badly shaped input fails deep inside the vectorized graph.
     def batch_loss_tensor(self, batch: Tuple) -> tf.Tensor:
         """Per-sample losses of one batch: (B,)."""
-        return self.kernels.per_sample_losses(tuple(batch))
+        return self.kernels.per_sample_losses(self.check_batch(batch))
 
     def batch_jacobian_tensor(self, batch: Tuple) -> tf.Tensor:
         """Per-sample gradients of the loss w.r.t. the watched weights for one batch: (B, P)."""
-        return self.kernels.per_sample_gradients(tuple(batch))
+        return self.kernels.per_sample_gradients(self.check_batch(batch))
 
     def batch_gradient_tensor(self, batch: Tuple) -> tf.Tensor:
         """Gradient of the batch's summed loss w.r.t. the watched weights: (P,)."""
-        return self.kernels.summed_gradient(tuple(batch))
+        return self.kernels.summed_gradient(self.check_batch(batch))
 
     def batch_hessian_tensor(self, batch: Tuple) -> tf.Tensor:
         """Hessian of the batch's summed loss w.r.t. the watched weights: (P, P)."""
-        return self.kernels.summed_hessian(tuple(batch))
+        return self.kernels.summed_hessian(self.check_batch(batch))
 
     def batch_hvp_tensor(self, batch: Tuple, vectors: tf.Tensor) -> tf.Tensor:
         """Hessian of the batch's summed loss times ``vectors`` (P, K): (P, K)."""
-        return self.kernels.summed_hvp(tuple(batch), vectors)
+        return self.kernels.summed_hvp(self.check_batch(batch), vectors)
+
+    def check_batch(self, batch: Tuple, name: Optional[str] = None) -> Tuple:
+        """Check a batch before it reaches the compiled kernels; return it as a tuple.
+
+        Floating components must be finite (batches yielded by
+        :func:`~deel.influenciae.utils.tf_operations.compute_batches` were checked there already) and the
+        inputs must match the model's input shapes (``model.inputs``; None is any size).
+
+        Raises
+        ------
+        ValueError
+            Non-finite values (eagerly; in a graph, an assertion fails when the batch is computed), or inputs of
+            another shape than the model's, naming the dataset and batch when known.
+        """
+        batch = tuple(batch)
+        origin = batch_origin(batch) if name is None else (name, None)
+        where = "the batch" if origin is None else (origin[0] if origin[1] is None else
+                                                    f"batch {origin[1]} of {origin[0]}")
+        batch = tuple(check_finite_batch(batch, where))
+        expected = self._input_shapes
+        if expected:
+            received = tf.nest.flatten(self.process_batch_for_loss_fn(batch)[0])
+            if len(received) == len(expected):
+                for position, (tensor, shape) in enumerate(zip(received, expected)):
+                    if tensor.shape.rank is not None and not _input_shape_matches(tuple(tensor.shape), shape):
+                        which = "inputs" if len(expected) == 1 else f"input {position}"
+                        raise ValueError(
+                            f"The {which} of {where} have shape {tuple(tensor.shape)} but the model expects "
+                            f"{shape} (model.inputs; None is any size, the first dimension is the batch). Give "
+                            "samples shaped like the model's training inputs.")
+        return batch
 
     # Dataset-level helpers (eager) ---------------------------------------------------------------
     def _over_batches(self, dataset: tf.data.Dataset, kernel: Callable, name: str) -> List[tf.Tensor]:
@@ -157,6 +196,19 @@ class BaseInfluenceModel:
         return gradients
 
 
+def _input_shape_matches(received: tuple, expected: tuple) -> bool:
+    """Whether inputs of shape ``received`` fit a model input of shape ``expected`` (Keras 3 also squeezes or adds
+    a trailing dimension of size 1)."""
+    if len(received) == len(expected) + 1 and received[-1] == 1:
+        received = received[:-1]
+    elif len(received) + 1 == len(expected) and expected[-1] == 1:
+        expected = expected[:-1]
+    if len(received) != len(expected):
+        return False
+    return all(want is None or got is None or int(want) == int(got)
+               for want, got in zip(expected[1:], received[1:]))
+
+
 def non_finite_error(what: str) -> ValueError:
     """The error raised when ``what`` holds NaN or infinite values."""
     return ValueError(f"Non-finite values (NaN or inf) found in the {what}; check the model's weights, the "
@@ -174,8 +226,9 @@ def _resolve_index(model: keras.Model, layer: Union[str, int], name: str) -> int
     count = len(model.layers)
     if isinstance(layer, str):
         return from_layer_name_to_layer_idx(model, layer)
-    if isinstance(layer, bool) or not isinstance(layer, int):
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
         raise TypeError(f"{name} must be a layer name (str), an index (int) or None, got {type(layer).__name__}.")
+    layer = int(layer)
     if not -count <= layer < count:
         raise ValueError(f"{name}={layer} is out of range: the model has {count} layers.")
     return layer + count if layer < 0 else layer
@@ -221,6 +274,10 @@ class InfluenceModel(BaseInfluenceModel):
                  process_batch_for_loss_fn: ProcessBatchTypeAlias = default_process_batch):
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras 3 model (keras.Model), got {type(model).__name__}.")
+        if not model.built:
+            raise ValueError(f"model {model.name!r} is not built, so its layers have no weights yet: start it with "
+                             "keras.Input(shape), call model.build((None, *input_shape)) or call it on a batch before "
+                             "wrapping it in InfluenceModel.")
         if callable(last_layer) and loss_function is None:
             # InfluenceModel(model, start_layer, loss_function): the reference's README passes the loss third.
             last_layer, loss_function = None, last_layer

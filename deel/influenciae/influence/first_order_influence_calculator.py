@@ -1,6 +1,6 @@
 """First-order influence functions (Koh & Liang 2017), RelatIF (Barshan et al. 2020), groups (Koh et al. 2019)."""
 import itertools
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -79,6 +79,21 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         gradients, vectors = self._gradients_and_vectors(train_samples)
         return tf.reduce_sum(gradients * vectors, axis=1, keepdims=True)
 
+    def _streamed_test_side(self, batches: List[Tuple]) -> tf.Tensor:
+        """Without RelatIF, the solver is applied to the test side, ``(H + λI)⁻¹ g(t)``: (T, P), so that streaming
+        the training set only needs its gradients (no solve per training sample); with RelatIF, ``g(t)``."""
+        gradients = tf.concat([self.model.batch_jacobian_tensor(batch) for batch in batches], axis=0)
+        if self.normalize:
+            return gradients
+        return tf.cast(tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(gradients))), gradients.dtype)
+
+    def _streamed_block(self, test_side: tf.Tensor, train_batch: Tuple) -> tf.Tensor:
+        """``g(t)ᵀ (H + λI)⁻¹ g(z)`` for the held test side and one training batch: (T, B)."""
+        if self.normalize:
+            return super()._streamed_block(test_side, train_batch)
+        gradients = self.model.batch_jacobian_tensor(train_batch)
+        return tf.matmul(test_side, tf.cast(gradients, test_side.dtype), transpose_b=True)
+
     def estimate_influence_values_matrix(self, dataset_to_evaluate: tf.data.Dataset,
                                          train_set: tf.data.Dataset) -> tf.Tensor:
         """All pairwise values ``g(t)ᵀ (H + λI)⁻¹ g(z)`` as one matrix (N_test, N_train).
@@ -94,6 +109,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         """
         if self.normalize:
             return super().estimate_influence_values_matrix(dataset_to_evaluate, train_set)
+        assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")  # named in errors about its batches
         assert_batched_dataset(train_set, "train_set")
         test_gradients = self.model.batch_jacobian(dataset_to_evaluate)
         # Read training gradients until there are more of them than test ones: a smaller training set is solved

@@ -76,6 +76,8 @@ class RepresenterPointL2(BaseRepresenterPoint):
     ----------
     surrogate : keras.Model
         ``Input(D) -> Dense(C, use_bias=False)`` in float64 holding W (it outputs logits).
+    linear_layer : keras.layers.Dense
+        The surrogate's Dense layer holding W (the reference's attribute).
     n_train : int
         n, the number of training samples.
     surrogate_mae : float
@@ -210,6 +212,11 @@ class RepresenterPointL2(BaseRepresenterPoint):
                                                          name="rps_l2_surrogate")])
         surrogate.layers[-1].kernel.assign(self.kernel)
         return surrogate
+
+    @property
+    def linear_layer(self) -> keras.layers.Dense:
+        """The surrogate's last layer, ``Dense(C, use_bias=False)`` in float64 holding W (the reference's name)."""
+        return self.surrogate.layers[-1]
 
     # Representer values -------------------------------------------------------------------------
     def _alpha_from_targets(self, features: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:

@@ -7,6 +7,57 @@ import tensorflow as tf
 from .sorted_dict import ORDER, initial_best_values, order_sign, stable_top_k
 
 
+TopKState = Tuple[tf.Tensor, tf.Tensor, Any, tf.Tensor]
+
+
+def initial_top_k_state(num_queries: Any, k: int, keys_spec: Any, d_type: tf.DType, order: ORDER) -> TopKState:
+    """The state of a streaming top-k before any sample: ``(values (Q, k), indices (Q, k) of -1, keys (Q, k,
+    *key_shape) of zeros, offset 0)``; ``keys_spec`` is the ``tf.TensorSpec`` structure of a batch of keys."""
+    keys = tf.nest.map_structure(
+        lambda spec: tf.zeros(tf.concat([tf.stack([num_queries, k]), tf.constant(spec.shape[1:].as_list(), tf.int32)],
+                                        0), dtype=spec.dtype), keys_spec)
+    return (initial_best_values(num_queries, k, d_type, order), tf.fill(tf.stack([num_queries, k]),
+                                                                        tf.constant(-1, tf.int64)),
+            keys, tf.constant(0, tf.int64))
+
+
+def merge_top_k(state: TopKState, values: tf.Tensor, keys: Any, k: int, order: ORDER) -> TopKState:
+    """Merge the next B samples of the stream into the k best of every query.
+
+    Parameters
+    ----------
+    state
+        ``(values (Q, k), indices (Q, k), keys (Q, k, *key_shape), offset)`` so far.
+    values
+        (Q, B) values of the B new samples for every query.
+    keys
+        (B, *key_shape) structure of the new samples' keys (e.g. training inputs), shared by every query.
+    k, order
+        Number kept per query and ``ORDER``; ties keep the earlier sample.
+
+    Returns
+    -------
+    The new state; ``indices`` are positions in the stream (``offset`` counts the samples seen).
+    """
+    best_values, best_indices, best_keys, offset = state
+    num_queries = tf.shape(values)[0]
+    batch_len = tf.shape(values, out_type=tf.int64)[1]
+    new_indices = tf.broadcast_to(offset + tf.range(batch_len), tf.shape(values, out_type=tf.int64))
+    candidates = tf.concat([best_values, tf.cast(values, best_values.dtype)], axis=1)
+    top_values, positions = stable_top_k(candidates, k, order)
+    top_indices = tf.gather(tf.concat([best_indices, new_indices], axis=1), positions, batch_dims=1)
+    # Keys: the kept ones (Q*k of them) followed by the batch's own (shared by every query).
+    flat_positions = tf.where(positions < k, positions + k * tf.range(num_queries)[:, None],
+                              positions - k + num_queries * k)
+
+    def pick(kept, fresh):
+        pool = tf.concat([tf.reshape(kept, tf.concat([[-1], tf.shape(kept)[2:]], 0)), tf.cast(fresh, kept.dtype)],
+                         axis=0)
+        return tf.gather(pool, flat_positions)
+
+    return top_values, top_indices, tf.nest.map_structure(pick, best_keys, keys), offset + batch_len
+
+
 class BaseNearestNeighbors(ABC):
     """Interface of the k-nearest-neighbour searches used by ``top_k``."""
 
@@ -77,39 +128,12 @@ class LinearNearestNeighbors(BaseNearestNeighbors):
         if self.dataset is None:
             raise ValueError("Call build() before query().")
         num_queries = tf.shape(tf.nest.flatten(vector_to_find)[0])[0]
-        k = self.k
-        inputs_spec = self.dataset.element_spec[0][0]
-        initial_keys = tf.nest.map_structure(
-            lambda spec: tf.zeros(tf.concat([tf.stack([num_queries, k]),
-                                             tf.constant(spec.shape[1:].as_list(), tf.int32)], 0),
-                                  dtype=spec.dtype), inputs_spec)
-        initial = (initial_best_values(num_queries, k, self.d_type, self.order),
-                   tf.fill(tf.stack([num_queries, k]), tf.constant(-1, tf.int64)),
-                   initial_keys,
-                   tf.constant(0, tf.int64))
+        initial = initial_top_k_state(num_queries, self.k, self.dataset.element_spec[0][0], self.d_type, self.order)
 
         def merge(state, element):
-            best_values, best_indices, best_keys, offset = state
             batch, vectors = element
-            keys = batch[0]
             values = tf.cast(self.dot_product_fun(vector_to_find, vectors), self.d_type)
-            batch_len = tf.shape(values, out_type=tf.int64)[1]
-            new_indices = tf.broadcast_to(offset + tf.range(batch_len), tf.shape(values, out_type=tf.int64))
-            candidates = tf.concat([best_values, values], axis=1)
-            top_values, positions = stable_top_k(candidates, k, self.order)
-            top_indices = tf.gather(tf.concat([best_indices, new_indices], axis=1), positions, batch_dims=1)
-            # Keys: the kept ones (Q*k of them) followed by the batch's own (shared by every query).
-            flat_positions = tf.where(positions < k,
-                                      positions + k * tf.range(num_queries)[:, None],
-                                      positions - k + num_queries * k)
-
-            def pick(kept, fresh):
-                pool = tf.concat([tf.reshape(kept, tf.concat([[-1], tf.shape(kept)[2:]], 0)),
-                                  tf.cast(fresh, kept.dtype)], axis=0)
-                return tf.gather(pool, flat_positions)
-
-            top_keys = tf.nest.map_structure(pick, best_keys, keys)
-            return top_values, top_indices, top_keys, offset + batch_len
+            return merge_top_k(state, values, batch[0], self.k, self.order)
 
         values, indices, keys, _ = self.dataset.reduce(initial, merge)
         return values, keys, indices
