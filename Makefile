@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench clean
+.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-first-order: $(VENV)/.installed-tests
 
 bench-scaling: $(VENV)/.installed-tests
 	$(PY) benchmarks/bench_scaling.py
+
+bench-real-models: $(VENV)/.installed-tests
+	$(PY) benchmarks/bench_real_models.py
 
 bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py

@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from deel.influenciae.common import InfluenceModel
-from deel.influenciae.common.dense_factors import dense_factors_of, factored_gram, factored_squared_norms
+from deel.influenciae.common.dense_factors import (OuterFactor, dense_factors_of, factored_gram,
+                                                   factored_squared_norms)
 from deel.influenciae.trac_in import TracIn
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -64,22 +65,28 @@ def conv_model():
 
 @pytest.mark.parametrize("build, shape", [(sequence_model, (6, 5)), (shared_layer_model, (5,)),
                                           (conv_model, (6, 6, 2))])
-def test_other_structures_are_reported_unsupported(build, shape):
-    """Dense on sequences (rows are not samples), a weight used twice, convolutions: no factors."""
+def test_sequences_shared_weights_and_convolutions_are_factored(build, shape):
+    """Dense on sequences (T rows per sample), a weight used twice (its uses are more positions), convolutions
+    (one patch per output position): factors whose products match per-sample tapes."""
     model = build()
     rng = np.random.default_rng(4)
-    batch = (tf.constant(rng.normal(size=(4,) + shape).astype(np.float32)), tf.constant(rng.integers(0, 3, 4)))
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)
-    assert factors(batch) is None and not factors.supported
+    x, y = rng.normal(size=(4,) + shape).astype(np.float32), rng.integers(0, 3, 4)
+    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)(
+        (tf.constant(x), tf.constant(y)))
+    assert factors is not None and any(isinstance(factor, OuterFactor) and factor.positions > 1
+                                       for factor in factors)
+    gradients = per_sample_tapes(model, x, y)
+    np.testing.assert_allclose(factored_gram([factors], [factors], tf.constant([1.0])).numpy(),
+                               gradients @ gradients.T, rtol=1e-5, atol=1e-6 * np.abs(gradients @ gradients.T).max())
 
 
 @pytest.mark.parametrize("factored", [True, False])
 def test_tracin_matrix_and_self_influence_match_per_sample_tapes(factored):
-    """TracIn over two checkpoints: the factored path (MLP) and the materialised one (a convolution) both give
-    Σ_k lr_k g_k(t)·g_k(z) and Σ_k lr_k ||g_k(z)||² of per-sample tapes."""
+    """TracIn over two checkpoints: the factored path (MLP) and the materialised one (rows that are not one per
+    sample) both give Σ_k lr_k g_k(t)·g_k(z) and Σ_k lr_k ||g_k(z)||² of per-sample tapes."""
     rng = np.random.default_rng(5)
-    shape = (5,) if factored else (6, 6, 2)
-    models = [mlp(seed) if factored else conv_model() for seed in (6, 7)]
+    shape = (5,) if factored else (6, 5)
+    models = [mlp(seed) if factored else time_major_model() for seed in (6, 7)]
     if not factored:
         models[1].set_weights([w * 1.1 for w in models[0].get_weights()])
     x_train, y_train = rng.normal(size=(11,) + shape).astype(np.float32), rng.integers(0, 3, 11)
@@ -115,25 +122,29 @@ def test_an_error_in_the_data_propagates_and_keeps_the_factored_path():
                                rtol=1e-5)
 
 
-class _RowsPerPosition(keras.layers.Layer):
-    """(B, 6, 5) -> (B·6, 5): a dense layer after it sees rows that are not samples, which only the runtime
-    check can tell (the graph has a rank-2 MatMul)."""
+class _TimeMajorRows(keras.layers.Layer):
+    """(B, 6, 5) -> (6·B, 5), time-major: a dense layer after it sees rows that are not grouped by sample, which
+    only the runtime check can tell (the graph has a rank-2 MatMul of reshaped rows)."""
 
     def call(self, inputs):
-        return tf.reshape(inputs, [-1, 5])
+        return tf.reshape(tf.transpose(inputs, [1, 0, 2]), [-1, 5])
 
 
 class _BackToSamples(keras.layers.Layer):
     def call(self, inputs):
-        return tf.reshape(inputs, [-1, 6 * 4])
+        return tf.reshape(tf.transpose(tf.reshape(inputs, [6, -1, 4]), [1, 0, 2]), [-1, 6 * 4])
+
+
+def time_major_model():
+    keras.utils.set_random_seed(10)
+    return keras.Sequential([keras.Input((6, 5)), _TimeMajorRows(name="time_major_rows"),
+                             keras.layers.Dense(4, activation="tanh"),
+                             _BackToSamples(name="back_to_samples"), keras.layers.Dense(3)])
 
 
 def test_rows_that_are_not_samples_are_caught_when_running():
-    keras.utils.set_random_seed(10)
-    model = keras.Sequential([keras.Input((6, 5)), _RowsPerPosition(name="rows_per_position"),
-                              keras.layers.Dense(4, activation="tanh"),
-                              _BackToSamples(name="back_to_samples"), keras.layers.Dense(3)])
     rng = np.random.default_rng(11)
     batch = (tf.constant(rng.normal(size=(4, 6, 5)).astype(np.float32)), tf.constant(rng.integers(0, 3, 4)))
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)
+    factors = dense_factors_of(InfluenceModel(time_major_model(), start_layer=0, last_layer=-1,
+                                              loss_function=LOSS).kernels)
     assert factors(batch) is None and not factors.supported

@@ -54,7 +54,7 @@ class TracIn(BaseInfluenceCalculator):
     ------
     ValueError
         Empty ``models``, a number of learning rates different from the number of checkpoints, a negative or
-        non-finite rate, or checkpoints of different dtypes.
+        non-finite rate, checkpoints of different dtypes, or a checkpoint whose watched weights hold NaN or inf.
     """
 
     def __init__(self, models: Sequence[BaseInfluenceModel], learning_rates: Union[float, Sequence[float]]):
@@ -70,9 +70,11 @@ class TracIn(BaseInfluenceCalculator):
         if len(dtypes) != 1:
             raise ValueError(f"All checkpoints must watch weights of one dtype, got {sorted(d.name for d in dtypes)}.")
         self.models = models
+        self._check_checkpoint_weights()
         self.learning_rates = _broadcast_learning_rates(learning_rates, len(models))
         self.dtype = dtypes.pop()
         self._scales = [tf.constant(np.sqrt(rate), self.dtype) for rate in self.learning_rates]
+        self._scales_vector = tf.constant(np.sqrt(self.learning_rates), self.dtype)
         self._rates = tf.constant(self.learning_rates, self.dtype)
         self._factored = factored_tracin_kernels(models)
         self.nb_params = sum(model.nb_params for model in models)
@@ -91,14 +93,38 @@ class TracIn(BaseInfluenceCalculator):
                                            process_batch_for_loss_fn=process_batch_for_loss_fn) for model in models]
         return cls(influence_models, learning_rates)
 
+    def _check_checkpoint_weights(self) -> None:
+        """Raise ``ValueError`` naming the first checkpoint whose watched weights hold NaN or inf."""
+        for position, model in enumerate(self.models):
+            bad = [variable.path for variable in model.weights
+                   if not bool(tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(variable.value))))]
+            if bad:
+                raise ValueError(f"Checkpoint {position} (models[{position}]) has non-finite (NaN or inf) watched "
+                                 f"weights {bad}: its gradients, and every TracIn value, would be NaN. Reload this "
+                                 "checkpoint's weights or leave it out (with its learning rate).")
+
+    def _check_finite(self, values: tf.Tensor, what: str, samples: Optional[Tuple] = None) -> tf.Tensor:
+        """Return eager ``values`` when finite; otherwise raise ``ValueError`` naming the checkpoint at fault
+        (non-finite weights, or non-finite gradients on ``samples``) when one can be found."""
+        if not tf.executing_eagerly() or bool(tf.reduce_all(tf.math.is_finite(values))):
+            return values
+        self._check_checkpoint_weights()
+        for position, model in enumerate([] if samples is None else self.models):
+            if not bool(tf.reduce_all(tf.math.is_finite(model.batch_jacobian_tensor(samples)))):
+                raise ValueError(f"Checkpoint {position} (models[{position}]) gives non-finite (NaN or inf) "
+                                 "gradients on these samples although its weights are finite: check its loss "
+                                 "(e.g. log(0) with from_logits=False) and the samples' targets.")
+        assert_finite(values, what)
+        return values
+
     def _checkpoint_gradients(self, samples: Tuple) -> List[tf.Tensor]:
         """Per-sample gradients of every checkpoint (unscaled): K tensors (B, P_k). Each checkpoint's compiled
         kernel belongs to its InfluenceModel, so new TracIn objects on the same models trace nothing."""
         return [model.batch_jacobian_tensor(samples) for model in self.models]
 
     def _factored_columns(self, test_batches: List[Tuple], train_set: tf.data.Dataset) -> Optional[List[tf.Tensor]]:
-        """The (N_test, B) blocks of the pairwise matrix, one per training batch, from factored dense gradients (no
-        (B, P) gradient is formed); None when the checkpoints watch other weights."""
+        """The (N_test, B) blocks of the pairwise matrix, one per training batch, from factored per-layer gradients;
+        None when the checkpoints' structure is not supported."""
         if self._factored is None:
             return None
         columns = []
@@ -142,19 +168,23 @@ class TracIn(BaseInfluenceCalculator):
         if not test_batches:
             raise ValueError("dataset_to_evaluate is empty.")
         columns = self._factored_columns(test_batches, train_set)
-        if columns is None:  # some checkpoint watches weights that are not dense kernels or biases
+        if columns is None:  # a checkpoint's structure is not supported (rows not one per sample)
             test_gradients = [tf.concat(parts, axis=0)
                               for parts in zip(*[self._checkpoint_gradients(batch) for batch in test_batches])]
             columns = [self._pairwise_block(test_gradients, tuple(batch)) for batch in compute_batches(train_set)]
         if not columns:
             raise ValueError("train_set is empty.")
         values = tf.concat(columns, axis=1)
-        assert_finite(values, "influence values")
-        return values
+        return self._check_finite(values, "influence values")
 
     def _scaled_gradients(self, samples: Tuple) -> tf.Tensor:
-        """``[√lr_1 g_1, ..., √lr_K g_K]`` for a batch: (B, Σ_k P_k)."""
+        """``[√lr_1 g_1, ..., √lr_K g_K]`` for a batch: (B, Σ_k P_k), formed from factored per-layer gradients
+        when the checkpoints' structure allows (one batched product per layer instead of generic per-sample
+        gradients)."""
         samples = tuple(samples)
+        factored = None if self._factored is None else self._factored.gradients(samples, self._scales_vector)
+        if factored is not None:
+            return factored
         return tf.concat([scale * model.batch_jacobian_tensor(samples)
                           for model, scale in zip(self.models, self._scales)], axis=1)
 
@@ -171,9 +201,20 @@ class TracIn(BaseInfluenceCalculator):
         """``Σ_k lr_k g_k(t)·g_k(z)`` for every pair: (B_t, B_tr)."""
         return tf.matmul(preproc_test_sample, tf.cast(influence_vector, preproc_test_sample.dtype), transpose_b=True)
 
+    def _estimate_individual_influence_values_from_batch(self, train_samples: Tuple,
+                                                         samples_to_evaluate: Tuple) -> tf.Tensor:
+        """``Σ_k lr_k g_k(t)·g_k(z)`` for a test batch and a training batch: (B_t, B_tr), from factored
+        gradients when possible."""
+        factored = None if self._factored is None else self._factored.pairwise(
+            tuple(samples_to_evaluate), tuple(train_samples), self._rates)
+        if factored is not None:
+            return factored
+        return super()._estimate_individual_influence_values_from_batch(train_samples, samples_to_evaluate)
+
     def _compute_influence_value_from_batch(self, train_samples: Tuple) -> tf.Tensor:
         """Self-influence ``Σ_k lr_k ||g_k(z)||²``: (B, 1)."""
-        return self._self_values(tuple(train_samples))[:, None]
+        return self._check_finite(self._self_values(tuple(train_samples))[:, None], "self-influence values",
+                                  tuple(train_samples))
 
     def checkpoint_values(self, samples_to_evaluate: Tuple, train_samples: Tuple,
                           checkpoint: Optional[int] = None) -> tf.Tensor:
