@@ -175,7 +175,7 @@ def run_model(model_name: str, count: int, batch_size: int, quick: bool) -> List
     last = InfluenceModel(model, start_layer=-1, last_layer=-1, loss_function=LOSS)
     for solver in ("exact", "cgd"):
         add(f"influence {solver} (last layer, P={last.nb_params})",
-            lambda solver=solver: consume(FirstOrderInfluenceCalculator(last, train, solver)
+            lambda solver=solver: consume(FirstOrderInfluenceCalculator(last, train, solver, regularization=1e-3)
                                           .compute_influence_values(train)))
     add("influence Arnoldi (last layer, 20/10)",
         lambda: consume(ArnoldiInfluenceCalculator(last, train, 20, True, 10).compute_influence_values(train)))

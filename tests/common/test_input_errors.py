@@ -178,3 +178,13 @@ def test_reference_attributes():
         from_logits=True, reduction=None), epochs=5, newton_iterations=2)
     assert rps.linear_layer is rps.surrogate.layers[-1]
     np.testing.assert_array_equal(rps.linear_layer.kernel.numpy(), rps.kernel.numpy())
+
+
+def test_numpy_batches_are_checked_like_tensors():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    influence_model = InfluenceModel(model, start_layer=0, loss_function=keras.losses.MeanSquaredError(reduction=None))
+    gradients = influence_model.batch_jacobian_tensor((np.ones((4, 3), np.float32), np.ones((4, 2), np.float32)))
+    assert tuple(gradients.shape) == (4, 8)
+    with pytest.raises(ValueError, match=r"shape \(4, 5\) but the model expects \(None, 3\)"):
+        influence_model.batch_jacobian_tensor((np.ones((4, 5), np.float32), np.ones((4, 2), np.float32)))

@@ -157,10 +157,11 @@ class BaseInfluenceModel:
             received = tf.nest.flatten(self.process_batch_for_loss_fn(batch)[0])
             if len(received) == len(expected):
                 for position, (tensor, shape) in enumerate(zip(received, expected)):
-                    if tensor.shape.rank is not None and not _input_shape_matches(tuple(tensor.shape), shape):
+                    tensor_shape = tf.TensorShape(getattr(tensor, "shape", None))  # tensors and NumPy arrays
+                    if tensor_shape.rank is not None and not _input_shape_matches(tuple(tensor_shape), shape):
                         which = "inputs" if len(expected) == 1 else f"input {position}"
                         raise ValueError(
-                            f"The {which} of {where} have shape {tuple(tensor.shape)} but the model expects "
+                            f"The {which} of {where} have shape {tuple(tensor_shape)} but the model expects "
                             f"{shape} (model.inputs; None is any size, the first dimension is the batch). Give "
                             "samples shaped like the model's training inputs.")
         return batch
