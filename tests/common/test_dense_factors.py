@@ -8,18 +8,14 @@ from deel.influenciae.common import InfluenceModel
 from deel.influenciae.common.dense_factors import (OuterFactor, dense_factors_of, factored_gram,
                                                    factored_squared_norms)
 from deel.influenciae.trac_in import TracIn
+from tests.per_sample import tape_gradients
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
 
 def per_sample_tapes(model, x, y):
     """Ground truth: one GradientTape per sample, flattened like the library's layout."""
-    rows = []
-    for sample_x, sample_y in zip(x, y):
-        with tf.GradientTape() as tape:
-            value = tf.reduce_sum(LOSS(sample_y[None], model(sample_x[None], training=False)))
-        rows.append(np.concatenate([g.numpy().ravel() for g in tape.gradient(value, model.trainable_variables)]))
-    return np.stack(rows).astype(np.float64)
+    return tape_gradients(model, LOSS, x, y)
 
 
 def mlp(seed, sizes=(5, 4, 3)):

@@ -6,17 +6,7 @@ import tensorflow as tf
 
 from deel.influenciae.common import InfluenceModel
 from deel.influenciae.common.pfor_converters import per_sample_converters
-
-
-def per_sample_loop(model, loss, x, y):
-    """Ground truth: one GradientTape per sample (no vectorization), flattened like the library's layout."""
-    rows = []
-    for sample_x, sample_y in zip(x, y):
-        with tf.GradientTape() as tape:
-            value = tf.reduce_sum(loss(sample_y[None], model(sample_x[None], training=False)))
-        gradients = tape.gradient(value, model.trainable_variables)
-        rows.append(np.concatenate([g.numpy().ravel() for g in gradients]))
-    return np.stack(rows)
+from tests.per_sample import tape_gradients
 
 
 @pytest.mark.parametrize("strides, dilation, padding", [(1, 1, "valid"), (2, 1, "same"), (1, 2, "same"),
@@ -34,7 +24,7 @@ def test_conv_per_sample_gradients_match_per_sample_tapes(strides, dilation, pad
     y = rng.integers(0, 3, size=7)
     influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=loss)
     vectorized = influence_model.batch_jacobian_tensor((tf.constant(x), tf.constant(y))).numpy()
-    expected = per_sample_loop(model, loss, x, y)
+    expected = tape_gradients(model, loss, x, y)
     np.testing.assert_allclose(vectorized, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
@@ -55,7 +45,7 @@ def test_conv1d_per_sample_gradients_match_per_sample_tapes():
     x, y = rng.normal(size=(6, 10, 3)).astype(np.float32), rng.normal(size=(6, 2)).astype(np.float32)
     influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=loss)
     vectorized = influence_model.batch_jacobian_tensor((tf.constant(x), tf.constant(y))).numpy()
-    expected = per_sample_loop(model, loss, x, y)
+    expected = tape_gradients(model, loss, x, y)
     np.testing.assert_allclose(vectorized, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
@@ -75,7 +65,7 @@ def test_attention_per_sample_gradients_match_per_sample_tapes():
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, size=5)]
     influence_model = InfluenceModel(model, start_layer=1, last_layer=-1, loss_function=loss)
     vectorized = influence_model.batch_jacobian_tensor((tf.constant(x), tf.constant(y))).numpy()
-    expected = per_sample_loop(model, loss, x, y)
+    expected = tape_gradients(model, loss, x, y)
     np.testing.assert_allclose(vectorized, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 

@@ -10,19 +10,14 @@ from deel.influenciae.common import dense_factors
 from deel.influenciae.common.dense_factors import (OuterFactor, dense_factors_of, factored_gradients, factored_gram,
                                                    factored_squared_norms)
 from deel.influenciae.trac_in import TracIn
+from tests.per_sample import tape_gradients
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
 
 def per_sample_tapes(model, x, y):
     """Ground truth: one GradientTape per sample, flattened like the library's layout."""
-    rows = []
-    for sample_x, sample_y in zip(x, y):
-        with tf.GradientTape() as tape:
-            value = tf.reduce_sum(LOSS(sample_y[None], model(sample_x[None], training=False)))
-        gradients = tape.gradient(value, model.trainable_variables)
-        rows.append(np.concatenate([tf.convert_to_tensor(g).numpy().ravel() for g in gradients]))
-    return np.stack(rows).astype(np.float64)
+    return tape_gradients(model, LOSS, x, y)
 
 
 def conv_model(seed, channels=2, **conv_args):
