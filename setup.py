@@ -19,9 +19,12 @@ setup(
     install_requires=["tensorflow>=2.16", "numpy", "matplotlib"],
     extras_require={
         "tests": ["pytest", "scikit-learn", "scipy", "pylint", "mkdocs>=1.6,<2", "mkdocs-material>=9.5",
-                  "mkdocstrings[python]>=1.0", "nbclient", "nbformat", "ipykernel"],
+                  "mkdocstrings[python]>=1.0", "django-static-mathjax>=3.2.2,<4", "nbclient", "nbformat",
+                  "ipykernel"],
         "demo": ["scikit-learn"],
-        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0"],
+        # django-static-mathjax: MathJax 3 (no Django needed), published with the site by docs/hooks/offline_mathjax.py
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=1.0",
+                 "django-static-mathjax>=3.2.2,<4"],
     },
     entry_points={"console_scripts": ["influenciae-benchmark = deel.influenciae.benchmark.cli:main"]},
     classifiers=[

@@ -19,33 +19,32 @@ import keras
 import numpy as np
 import tensorflow as tf
 from scipy.stats import pearsonr, spearmanr
-from sklearn.datasets import load_digits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deel.influenciae.common import InfluenceModel  # pylint: disable=wrong-import-position
-from deel.influenciae.influence import (ArnoldiInfluenceCalculator,  # pylint: disable=wrong-import-position
-                                        FirstOrderInfluenceCalculator)
+# pylint: disable=wrong-import-position
+from deel.influenciae.benchmark.digits import (DIGITS_SAMPLES, build_mlp, load_digits_split, one_hot,
+                                               train_classifier)
+from deel.influenciae.common import InfluenceModel
+from deel.influenciae.influence import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator
+
+# pylint: enable=wrong-import-position
 
 
 def digits_problem(hidden: int = 32, epochs: int = 30, n_train: int = None, seed: int = 0):
-    """A trained ``Dense(hidden, tanh) → Dense(10)`` MLP on standardised digits, its influence model and datasets."""
-    data = load_digits()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data.target))
-    x = (data.data[order] / 16.0).astype(np.float32)
-    y = np.eye(10, dtype=np.float32)[data.target[order]]
-    split = int(0.8 * len(x)) if n_train is None else n_train
-    x_train, y_train, x_test, y_test = x[:split], y[:split], x[split:], y[split:]
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(hidden, activation="tanh"),
-                              keras.layers.Dense(10)])
-    model.compile(keras.optimizers.Adam(1e-2), keras.losses.CategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
+    """A trained ``Dense(hidden, tanh) → Dense(10)`` MLP on digits scaled to [0, 1], its influence model and datasets.
+
+    The training set is the first ``n_train`` samples of the seeded permutation (default 80 %), the test set the
+    rest.
+    """
+    split = load_digits_split(seed, n_train=int(0.8 * DIGITS_SAMPLES) if n_train is None else n_train,
+                              test_first=False)
+    model = build_mlp(hidden_units=hidden, activation="tanh", seed=seed)
+    train_classifier(model, split.x_train, one_hot(split.y_train), epochs, batch_size=64, learning_rate=1e-2)
     loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
     influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=loss)
-    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(128)
-    test = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(128)
+    train = tf.data.Dataset.from_tensor_slices((split.x_train, one_hot(split.y_train))).batch(128)
+    test = tf.data.Dataset.from_tensor_slices((split.x_test, one_hot(split.y_test))).batch(128)
     return influence_model, train, test
 
 
@@ -76,15 +75,15 @@ def main():
           f"test rows = {args.test_rows}, λ = {args.regularization}")
     start = time.perf_counter()
     exact = FirstOrderInfluenceCalculator(model, train, "exact", regularization=args.regularization)
-    exact_values = exact.estimate_influence_values_matrix(test, train).numpy()
+    exact_values = exact.influence_matrix(test, train).numpy()
     print(f"exact first order: {time.perf_counter() - start:.2f} s")
     print(f"{'k':>5} {'subspace':>8} {'Pearson':>8} {'Spearman':>8} {'top-10':>7} {'seconds':>8}")
     for k in args.ks:
         subspace = int(min(model.nb_params, max(k, round(args.subspace_factor * k))))
         start = time.perf_counter()
-        arnoldi = ArnoldiInfluenceCalculator(model, train, subspace, True, k, regularization=args.regularization,
-                                             seed=args.seed)
-        values = arnoldi.estimate_influence_values_matrix(test, train).numpy()
+        arnoldi = ArnoldiInfluenceCalculator(model, train, subspace_dim=subspace, force_hermitian=True,
+                                             k_largest_eig_vals=k, regularization=args.regularization, seed=args.seed)
+        values = arnoldi.influence_matrix(test, train).numpy()
         elapsed = time.perf_counter() - start
         pearson, spearman, overlap = compare_rows(values, exact_values)
         print(f"{k:>5} {subspace:>8} {pearson:>8.3f} {spearman:>8.3f} {overlap:>7.2f} {elapsed:>8.2f}")

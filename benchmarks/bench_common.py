@@ -63,7 +63,8 @@ def plain_step(model: keras.Model, loss_function: Callable) -> Callable[[tf.Tens
     """Compiled forward + backward of a batch's summed loss w.r.t. all trainable weights: one flat (P,) gradient.
 
     The same arithmetic on the same data without one gradient per sample: the practical lower bound. Written as a
-    user would (``model(x)`` under a tape); ``model.stateless_call`` measured ~15 % faster here.
+    user would (``model(x)`` under a tape), not with the faster ``model.stateless_call``: the baseline is what a
+    user pays (the difference measured is in ``benchmarks/README.md``).
     """
     variables = model.trainable_variables
 

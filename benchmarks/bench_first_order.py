@@ -40,6 +40,8 @@ import numpy as np
 import tensorflow as tf
 
 # pylint cannot see the editable install's namespace package from this folder (no __init__.py here).
+from deel.influenciae.benchmark.digits import (build_mlp,  # pylint: disable=no-name-in-module
+                                               load_digits_split, one_hot, train_classifier)
 from deel.influenciae.common import (ConjugateGradientDescentIHVP,  # pylint: disable=no-name-in-module
                                      ExactIHVP, InfluenceModel)
 from deel.influenciae.influence import FirstOrderInfluenceCalculator  # pylint: disable=no-name-in-module
@@ -94,20 +96,14 @@ def measure(name: str, function: Callable[[], Any], repeats: int, note: str = ""
 # -------- Set-up ------------------------------------------------------------------------------------------------
 def make_data(seed: int) -> Tuple[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]:
     """Digits (N, 64) in [0, 1] with one-hot labels: ``(x_train, y_train), (x_test, y_test)``, seeded shuffle."""
-    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-    digits = load_digits()
-    inputs = (digits.data / 16.0).astype(np.float32)
-    targets = np.eye(10, dtype=np.float32)[digits.target]
-    order = np.random.default_rng(seed).permutation(len(inputs))
-    train, test = order[:N_TRAIN], order[N_TRAIN:N_TRAIN + N_TEST]
-    return (inputs[train], targets[train]), (inputs[test], targets[test])
+    split = load_digits_split(seed, n_train=N_TRAIN, n_test=N_TEST, test_first=False)
+    return (split.x_train, one_hot(split.y_train)), (split.x_test, one_hot(split.y_test))
 
 
 def make_model(x_train: np.ndarray, y_train: np.ndarray) -> keras.Model:
     """The MLP 64-32-10 (logits), trained for a few epochs so that the Hessian is that of a fitted model."""
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)])
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    model.fit(x_train, y_train, epochs=TRAIN_EPOCHS, batch_size=64, verbose=0)
+    model = build_mlp(hidden_units=32)
+    train_classifier(model, x_train, y_train, TRAIN_EPOCHS, batch_size=64, learning_rate=1e-2)
     return model
 
 

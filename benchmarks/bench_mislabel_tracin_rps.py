@@ -18,24 +18,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
-from sklearn.datasets import load_digits  # noqa: E402  pylint: disable=wrong-import-position
 
-from deel.influenciae.common import ExactIHVPFactory, InfluenceModel  # noqa: E402  pylint: disable=C0413
-from deel.influenciae.rps import RepresenterPointL2, RepresenterPointLJE  # noqa: E402  pylint: disable=C0413
-from deel.influenciae.trac_in import ModelsSaver, TracIn  # noqa: E402  pylint: disable=C0413
+# pylint: disable=wrong-import-position
+from deel.influenciae.benchmark.digits import (DIGITS_CLASSES, build_mlp, load_digits_arrays,  # noqa: E402
+                                               one_hot, train_classifier)
+from deel.influenciae.common import ExactConfig, InfluenceModel  # noqa: E402
+from deel.influenciae.rps import RepresenterPointL2, RepresenterPointLJE  # noqa: E402
+from deel.influenciae.trac_in import ModelsSaver, TracIn  # noqa: E402
+
+# pylint: enable=wrong-import-position
 
 
 def noisy_digits(seed: int, ratio: float):
     """Digits scaled to [0, 1], one-hot labels with ``ratio`` of them flipped; returns (x, y_noisy, flipped)."""
-    digits = load_digits()
+    x, labels = load_digits_arrays()
     rng = np.random.default_rng(seed)
-    x = (digits.data / 16.0).astype(np.float32)
-    labels = digits.target.copy()
     flipped = rng.choice(len(labels), int(round(ratio * len(labels))), replace=False)
-    labels[flipped] = (labels[flipped] + rng.integers(1, 10, len(flipped))) % 10
+    labels[flipped] = (labels[flipped] + rng.integers(1, DIGITS_CLASSES, len(flipped))) % DIGITS_CLASSES
     mask = np.zeros(len(labels), bool)
     mask[flipped] = True
-    return x, np.eye(10, dtype=np.float32)[labels], mask
+    return x, one_hot(labels), mask
 
 
 def detection(scores: np.ndarray, flipped: np.ndarray):
@@ -49,15 +51,12 @@ def detection(scores: np.ndarray, flipped: np.ndarray):
 def run(seed: int, epochs: int, ratio: float, lambda_l2: float):
     """Train on noisy digits, score with every method; return the detection results and training facts."""
     x, y, flipped = noisy_digits(seed, ratio)
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"),
-                              keras.layers.Dense(10, use_bias=False)])
-    model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model = build_mlp(hidden_units=32, output_bias=False, seed=seed)
     checkpoint_epochs = list(range(epochs // 6 - 1, epochs, max(epochs // 6, 1)))
     saver = ModelsSaver(checkpoint_epochs)
     start = time.perf_counter()
-    history = model.fit(x, y, batch_size=64, epochs=epochs, verbose=0, callbacks=[saver])
+    history = train_classifier(model, x, y, epochs, batch_size=64, learning_rate=3e-3, metrics=["accuracy"],
+                               callbacks=[saver])
     train_time = time.perf_counter() - start
     noisy_accuracy = history.history["accuracy"][-1]
     clean_fit = float(np.mean(np.argmax(model.predict(x, verbose=0), 1)[~flipped] == np.argmax(y, 1)[~flipped]))
@@ -69,16 +68,17 @@ def run(seed: int, epochs: int, ratio: float, lambda_l2: float):
     def timed(name, build):
         begin = time.perf_counter()
         calculator = build()
-        scores = calculator._compute_influence_values(train).numpy()[:, 0]  # pylint: disable=protected-access
+        scores = calculator.self_influence(train).numpy()
         results[name] = detection(scores, flipped) + (time.perf_counter() - begin,)
 
     timed(f"TracIn (last layer, {len(saver.models)} ckpts)",
           lambda: TracIn.from_models_saver(saver, loss, start_layer=-1))
-    timed(f"RPS-L2 labels (lambda={lambda_l2:g})", lambda: RepresenterPointL2(model, train, loss, lambda_l2))
+    timed(f"RPS-L2 labels (lambda={lambda_l2:g})",
+          lambda: RepresenterPointL2(model, train, loss, lambda_regularization=lambda_l2))
     timed(f"RPS-L2 logits (lambda={lambda_l2:g})",
-          lambda: RepresenterPointL2(model, train, None, lambda_l2, surrogate_target="logits"))
+          lambda: RepresenterPointL2(model, train, None, lambda_regularization=lambda_l2, surrogate_target="logits"))
     timed("RPS-LJE (exact)", lambda: RepresenterPointLJE(InfluenceModel(model, start_layer=-1, loss_function=loss),
-                                                         train, ExactIHVPFactory()))
+                                                         train, ihvp_calculator=ExactConfig()))
     return results, (noisy_accuracy, clean_fit, memorized, train_time, flipped.sum(), len(x))
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(BENCH_DIR / "peers"))
 # pylint: disable=wrong-import-position
 import common  # noqa: E402
-from compare_reference import RunOutcome, ours_env, run_guarded  # noqa: E402
+from guarded_run import RunOutcome, ours_env, run_reported  # noqa: E402
 
 PEER_VENV = BENCH_DIR / ".venv-peers"
 PEER_PYTHON = PEER_VENV / "bin" / "python"
@@ -115,11 +115,7 @@ def run_side(side: str, task: str, args: argparse.Namespace, round_index: int) -
     else:
         command, env = [str(PEER_PYTHON), str(BENCH_DIR / "peers" / f"run_{side}.py")] + options, peer_env()
     print(f"  {task:8s} {side:7s} round {round_index} ...", end=" ", flush=True)
-    outcome = run_guarded(command, env, output, (args.timeout, args.max_rss_mib))
-    print(f"{outcome.status} in {outcome.seconds:.1f} s")
-    if not outcome.ok:
-        print("    " + outcome.message.replace("\n", "\n    "))
-    return outcome
+    return run_reported(command, env, output, (args.timeout, args.max_rss_mib))
 
 
 def merge_rounds(outcomes: List[RunOutcome]) -> Optional[Dict[str, np.ndarray]]:
@@ -182,7 +178,7 @@ def report_timings(results: Results, summary: Dict[str, list]) -> None:
 
 def report_memory(results: Results, summary: Dict[str, list]) -> None:
     """Peak RSS of every worker."""
-    print("\nPeak RSS (MiB, ru_maxrss of the worker process; importing TensorFlow alone costs ~0.7 GiB)")
+    print("\nPeak RSS (MiB, ru_maxrss of the worker process, importing TensorFlow or torch included)")
     for task, sides in results.items():
         cells = []
         for side_name, side in sides.items():

@@ -109,6 +109,21 @@ def consume(dataset: tf.data.Dataset) -> None:
         pass
 
 
+def unfactored_influence_model(model: keras.Model) -> Any:
+    """An influence model over every weight of ``model`` that offers TracIn no per-layer factors, so TracIn takes
+    its generic path (materialised per-sample gradients)."""
+    from deel.influenciae.common import InfluenceModel  # pylint: disable=import-outside-toplevel
+
+    class UnfactoredInfluenceModel(InfluenceModel):  # pylint: disable=too-many-ancestors
+        """:class:`InfluenceModel` without ``layer_factors``."""
+
+        @property
+        def layer_factors(self) -> None:
+            return None
+
+    return UnfactoredInfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS)
+
+
 def run_model(model_name: str, count: int, batch_size: int, quick: bool) -> List[Dict[str, Any]]:
     """Every method on one model and dataset size; rows of the table."""
     # pylint: disable=import-outside-toplevel
@@ -165,8 +180,8 @@ def run_model(model_name: str, count: int, batch_size: int, quick: bool) -> List
         lambda: consume(tracin.compute_influence_values(first)))
     add("TracIn top-k (factored, 16 tests, k=5)", lambda: consume(tracin.top_k(test, train, k=5)),
         lambda: consume(tracin.top_k(test, first, k=5)))
-    materialised = TracIn([influence_model], 0.01)
-    materialised._factored = None  # pylint: disable=protected-access  # the path taken before (generic pfor)
+    # The path every model with a convolution took before the factored products: generic per-sample gradients.
+    materialised = TracIn([unfactored_influence_model(model)], 0.01)
     add("TracIn self-influence (materialised, before)", lambda: consume(materialised.compute_influence_values(train)),
         lambda: consume(materialised.compute_influence_values(first)))
     add("TracIn top-k (materialised, before)", lambda: consume(materialised.top_k(test, train, k=5)),
@@ -189,17 +204,13 @@ def exact_memory_child(hidden: int) -> None:
     """In a fresh process: build ExactIHVP for a digits MLP 64-hidden-10 (all weights) and print the estimate
     beside the peak RSS increase, as one JSON line."""
     # pylint: disable=import-outside-toplevel
-    from sklearn.datasets import load_digits
-
+    from deel.influenciae.benchmark.digits import build_mlp, load_digits_arrays
     from deel.influenciae.common import InfluenceModel
     from deel.influenciae.common.inverse_hessian_vector_product import ExactIHVP, estimate_exact_hessian_bytes
 
-    digits = load_digits()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(hidden, activation="tanh"),
-                              keras.layers.Dense(10)])
-    train = tf.data.Dataset.from_tensor_slices(((digits.data / 16).astype(np.float32),
-                                                digits.target.astype(np.int32))).batch(256)
+    inputs, labels = load_digits_arrays()
+    model = build_mlp(hidden_units=hidden, activation="tanh", seed=0)
+    train = tf.data.Dataset.from_tensor_slices((inputs, labels.astype(np.int32))).batch(256)
     influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS)
     influence_model.batch_jacobian_tensor(tuple(next(iter(train))))  # TensorFlow's own start-up memory first
     size = influence_model.nb_params
@@ -229,6 +240,7 @@ def exact_memory(hiddens: List[int]) -> List[Dict[str, Any]]:
 
 
 def main() -> None:
+    """Command line: the models' tables, then the ExactIHVP memory check."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     parser.add_argument("--quick", action="store_true", help="N = 1,000 only, P ≈ 2 k and 5 k for ExactIHVP")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="dataset sizes of the CNN")

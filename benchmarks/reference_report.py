@@ -1,6 +1,7 @@
 """Tables and verdict of ``compare_reference.py``: timings (first pass and warm), task (f) ratios, agreement.
 
-Imports nothing but NumPy at run time (``reference_runner.py`` imports the driver in the reference's environment).
+Imports nothing but NumPy at run time (``reference_runner.py`` imports ``reference_problem.py``, which imports
+this module, in the reference's environment).
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 if TYPE_CHECKING:  # the driver imports this module: types only
-    from compare_reference import Arbiter, RunOutcome
+    from guarded_run import RunOutcome
+    from reference_arbiter import Arbiter
 
 PHASES = ("hessian", "self", "pairwise")
 

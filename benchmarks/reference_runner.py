@@ -35,8 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
-# Helpers shared with the driver (which imports nothing but NumPy at module level).
-from compare_reference import load_problem, run_phases  # pylint: disable=wrong-import-position
+# Helpers shared with the driver (NumPy only at module level).
+from reference_problem import load_problem, run_phases  # pylint: disable=wrong-import-position
 
 # ``tf.keras`` is the legacy ``tf_keras`` package here, which static analysis cannot resolve.
 # pylint: disable=no-member
@@ -93,6 +93,18 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Datas
     return tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.float32))).batch(batch_size)
 
 
+def reference_self_influence(calculator: Any, train_ds: tf.data.Dataset) -> np.ndarray:
+    """Self-influence of every training sample through the reference's public API: its lazy dataset of
+    ``(batch, values)`` concatenated, which is what its internal eager helper does.
+
+    Returns
+    -------
+    np.ndarray
+        (N, 1) values.
+    """
+    return np.concatenate([values.numpy() for _, values in calculator.compute_influence_values(train_ds)], axis=0)
+
+
 def run_reference(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batch_size: int,
                   test_batch_size: int, repeats: int = 0) -> Dict[str, np.ndarray]:
     """Compute self-influence and pairwise influence with the reference package.
@@ -108,7 +120,7 @@ def run_reference(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batc
     test_batch_size
         Batch size of the test dataset (pairwise values).
     repeats
-        Warm passes after the first one (see ``compare_reference.run_phases``).
+        Warm passes after the first one (see ``reference_problem.run_phases``).
 
     Returns
     -------
@@ -130,8 +142,8 @@ def run_reference(arrays: Dict[str, np.ndarray], weights: List[np.ndarray], batc
         ihvp = ExactIHVP(influence_model, train_ds)
         return ihvp, FirstOrderInfluenceCalculator(influence_model, train_ds, ihvp_calculator=ihvp)
 
-    ihvp, results = run_phases(build, train_ds, test_ds, (arrays["x_test"].shape[0], arrays["x_train"].shape[0]),
-                               repeats)
+    ihvp, results = run_phases(build, reference_self_influence, train_ds, test_ds,
+                               (arrays["x_test"].shape[0], arrays["x_train"].shape[0]), repeats)
     results.update({"inv_hessian": ihvp.inv_hessian.numpy(), "n_params": np.array(int(influence_model.nb_params)),
                     "batch_size": np.array(batch_size), "test_batch_size": np.array(test_batch_size),
                     "tf_version": np.array(tf.__version__)})

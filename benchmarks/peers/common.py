@@ -1,8 +1,9 @@
 """Shared pieces of the peer benchmark: problem file, parameter layouts, timing and agreement metrics.
 
-This module imports only NumPy (and scikit-learn lazily), so the three kinds of worker processes can
-use it: ours (``.venv``, TensorFlow 2.21 + Keras 3), pyDVL and Captum (``benchmarks/.venv-peers``,
-PyTorch 2.13 CPU).
+This module imports only NumPy, so the three kinds of worker processes can use it: ours (``.venv``,
+TensorFlow 2.21 + Keras 3), pyDVL and Captum (``benchmarks/.venv-peers``, PyTorch 2.13 CPU, without this
+library). The data split and the training are ours only (``run_ours.py --train``, with the library's digits
+builders); the torch workers read the problem file it writes.
 
 Parameter layout
 ----------------
@@ -31,33 +32,6 @@ REGULARIZATION = 0.1
 TOP_K = 10
 
 
-def load_digits_split(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Seeded split of scikit-learn's bundled digits (offline), inputs scaled to [0, 1].
-
-    Parameters
-    ----------
-    n_train, n_test
-        Sizes of the disjoint training and test sets.
-    seed
-        Seed of the permutation.
-
-    Returns
-    -------
-    dict
-        ``x_train`` (N, 64) float32, ``y_train`` (N,) int64 labels, ``x_test``, ``y_test``.
-    """
-    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-
-    digits = load_digits()
-    if n_train + n_test > digits.data.shape[0]:
-        raise ValueError(f"digits has {digits.data.shape[0]} samples, {n_train + n_test} requested")
-    order = np.random.default_rng(seed).permutation(digits.data.shape[0])
-    x = (digits.data[order] / 16.0).astype(np.float32)
-    y = digits.target[order].astype(np.int64)
-    return {"x_train": x[:n_train], "y_train": y[:n_train],
-            "x_test": x[n_train:n_train + n_test], "y_test": y[n_train:n_train + n_test]}
-
-
 def save_problem(path: Path, data: Dict[str, np.ndarray], checkpoints: List[List[np.ndarray]],
                  learning_rates: Sequence[float]) -> None:
     """Write the problem file every worker reads.
@@ -67,7 +41,7 @@ def save_problem(path: Path, data: Dict[str, np.ndarray], checkpoints: List[List
     path
         Destination ``.npz``.
     data
-        Output of :func:`load_digits_split`.
+        ``x_train`` (N, 64) float32, ``y_train`` (N,) int64 labels, ``x_test``, ``y_test``.
     checkpoints
         Keras ``get_weights()`` lists, one per checkpoint; the **last** one is the trained model used by
         the influence-function tasks.

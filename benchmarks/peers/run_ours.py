@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -26,36 +26,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
 
-from deel.influenciae.common import (ConjugateGradientDescentIHVP, ExactIHVP,  # noqa: E402  pylint: disable=C0413
-                                     InfluenceModel)
-from deel.influenciae.influence import (ArnoldiInfluenceCalculator,  # noqa: E402  pylint: disable=C0413
-                                        FirstOrderInfluenceCalculator)
-from deel.influenciae.trac_in import TracIn  # noqa: E402  pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from deel.influenciae.benchmark.digits import build_mlp, compile_classifier, load_digits_split  # noqa: E402
+from deel.influenciae.common import ConjugateGradientDescentIHVP, ExactIHVP, InfluenceModel  # noqa: E402
+from deel.influenciae.influence import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator  # noqa: E402
+from deel.influenciae.trac_in import TracIn  # noqa: E402
+
+# pylint: enable=wrong-import-position
 
 STAGE_RATES = (0.2, 0.1, 0.05, 0.025)
 STAGE_EPOCHS = 5
 
 
-def build_mlp(weights: Any = None) -> keras.Model:
-    """Keras 3 MLP 64-32-10 (ReLU hidden layer, logits output), optionally with given weights."""
-    layers: List[Any] = [keras.Input(shape=(common.LAYER_SIZES[0],))]
-    for index, width in enumerate(common.LAYER_SIZES[1:]):
-        activation = "relu" if index < len(common.LAYER_SIZES) - 2 else None
-        layers.append(keras.layers.Dense(int(width), activation=activation, name=f"dense_{index}"))
-    model = keras.Sequential(layers)
-    if weights is not None:
-        model.set_weights(weights)
-    return model
+def build_model(weights: Any = None, seed: Optional[int] = None) -> keras.Model:
+    """Keras 3 MLP 64-32-10 (ReLU hidden layer, logits output, Dense layers ``dense_0``, ``dense_1``), optionally
+    with given weights or a seeded initialisation."""
+    sizes = [int(size) for size in common.LAYER_SIZES]
+    return build_mlp((sizes[0],), sizes[1:-1], sizes[-1], layer_names=[f"dense_{index}" for index in
+                                                                        range(len(sizes) - 1)],
+                     weights=weights, seed=seed)
 
 
 def train(problem: Path, seed: int) -> None:
     """Train with SGD in four stages and write the problem file (see the module docstring)."""
-    data = common.load_digits_split(seed=seed)
-    keras.utils.set_random_seed(seed)
-    model = build_mlp()
+    data = load_digits_split(seed, n_train=common.N_TRAIN, n_test=common.N_TEST, test_first=False).arrays()
+    model = build_model(seed=seed)
     optimizer = keras.optimizers.SGD(learning_rate=STAGE_RATES[0])
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    compile_classifier(model, sparse_labels=True, optimizer=optimizer, metrics=["accuracy"])
     checkpoints = []
     for rate in STAGE_RATES:
         optimizer.learning_rate.assign(rate)
@@ -98,7 +95,7 @@ def make_calculator(task: str, models: List[InfluenceModel], train_ds: tf.data.D
 def run_task(args: argparse.Namespace) -> None:
     """Time ``fit``, the pairwise matrix and the self-influence of one task; write the result file."""
     arrays, checkpoints = common.load_problem(args.problem)
-    keras_models = [build_mlp(weights) for weights in checkpoints]
+    keras_models = [build_model(weights) for weights in checkpoints]
     used = keras_models if args.task == "tracin" else keras_models[-1:]
     models = [InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=per_sample_loss()) for model in used]
     train_ds = tf.data.Dataset.from_tensor_slices((arrays["x_train"], arrays["y_train"])).batch(common.TRAIN_BATCH)
@@ -113,7 +110,7 @@ def run_task(args: argparse.Namespace) -> None:
     phases: Dict[str, Callable[[], Any]] = {
         "fit": fit,
         "pair": lambda: state["calculator"].estimate_influence_values_matrix(test_ds, train_ds).numpy(),
-        "self": lambda: state["calculator"]._compute_influence_values(train_ds).numpy()[:, 0],  # pylint: disable=W0212
+        "self": lambda: state["calculator"].self_influence(train_ds).numpy(),
     }
     results: Dict[str, Any] = {}
     firsts: Dict[str, float] = {}

@@ -13,7 +13,8 @@ from deel.influenciae.benchmark import (ArnoldiCalculatorFactory, BaseTrainingPr
                                         RPSL2Factory, RPSLJEFactory, SampleBoundaryCalculatorFactory, TracInFactory,
                                         WeightsBoundaryCalculatorFactory, load_cifar10, load_digits_datasets)
 from deel.influenciae.benchmark.influence_factory import hessian_subset
-from deel.influenciae.common import SelfInfluenceCalculator
+from deel.influenciae.common import (ArnoldiIHVP, ConjugateGradientConfig, ConjugateGradientDescentIHVP,
+                                     SelfInfluenceCalculator)
 from deel.influenciae.plots import BenchmarkDisplay
 
 NB_CLASSES = 10
@@ -136,11 +137,14 @@ FACTORIES = {
     "first_order_cgd": lambda: FirstOrderFactory("cgd", n_opt_iters=10, dataset_hessian_size=64,
                                                  regularization=1e-2),
     "first_order_lissa": lambda: FirstOrderFactory("lissa", n_opt_iters=10),
+    "first_order_arnoldi": lambda: FirstOrderFactory("arnoldi", regularization=1e-3, dataset_hessian_size=64),
+    "first_order_config": lambda: FirstOrderFactory(ConjugateGradientConfig(regularization=1e-2, n_opt_iters=10)),
     "arnoldi": lambda: ArnoldiCalculatorFactory(subspace_dim=20, force_hermitian=True, k_largest_eig_vals=10,
                                                 dataset_hessian_size=64),
     "tracin": TracInFactory,
     "rps_l2": lambda: RPSL2Factory(epochs=10),
     "rps_lje": lambda: RPSLJEFactory(dataset_hessian_size=64),
+    "rps_lje_arnoldi": lambda: RPSLJEFactory("arnoldi", dataset_hessian_size=64, regularization=1e-3),
     "boundary_weights": lambda: WeightsBoundaryCalculatorFactory(step_nbr=3),
     "boundary_sample": lambda: SampleBoundaryCalculatorFactory(step_nbr=3),
     "loss_ranking": LossRankingFactory,
@@ -154,6 +158,18 @@ def test_factory_builds_working_calculator(trained, name):
     values = calculator._compute_influence_values(dataset).numpy()  # pylint: disable=protected-access
     assert values.shape == (96, 1)
     assert np.all(np.isfinite(values))
+
+
+def test_factories_build_the_registered_solver(trained):
+    dataset, model, train_info = trained
+    calculator = FirstOrderFactory("arnoldi", regularization=1e-3).build(dataset, model, train_info)
+    assert isinstance(calculator.ihvp_calculator, ArnoldiIHVP)
+    config = ConjugateGradientConfig(regularization=1e-2, n_opt_iters=10)
+    factory = FirstOrderFactory(config, regularization=5.0)  # a configuration keeps its own settings
+    assert factory.ihvp_mode == "cgd" and factory.solver_config() is config
+    calculator = factory.build(dataset, model, train_info)
+    assert isinstance(calculator.ihvp_calculator, ConjugateGradientDescentIHVP)
+    assert calculator.ihvp_calculator.regularization == pytest.approx(1e-2)
 
 
 def test_tracin_factory_needs_checkpoints(trained):

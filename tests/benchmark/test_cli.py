@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from deel.influenciae.benchmark.cli import main, parse_args, str2bool
+from deel.influenciae.benchmark.cli import main, make_factory, parse_args, str2bool
+from deel.influenciae.common import ArnoldiConfig, LissaConfig, solver_names
 from deel.influenciae.plots import BenchmarkDisplay
 
 
@@ -39,6 +40,22 @@ def test_methods_defaults_and_aliases():
         parse_args(["--methods", "unknown"])
     with pytest.raises(SystemExit):
         parse_args([])
+
+
+def test_ihvp_modes_come_from_the_solver_registry():
+    for name in solver_names():
+        assert parse_args(["--methods", "first_order", "--ihvp-mode", name]).ihvp_mode == name
+    assert parse_args(["--methods", "first_order", "--ihvp_mode", "CG"]).ihvp_mode == "cgd"  # an alias
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "first_order", "--ihvp-mode", "newton"])
+    args = parse_args(["--methods", "first_order,rps_lje", "--ihvp-mode", "arnoldi", "--regularization", "0.01"])
+    for method in ("first_order", "rps_lje"):
+        config = make_factory(method, args).solver_config()
+        assert isinstance(config, ArnoldiConfig) and config.regularization == 0.01
+    args = parse_args(["--methods", "first_order", "--ihvp-mode", "lissa", "--n-opt-iters", "7",
+                       "--feature-extractor", "-2"])
+    assert make_factory("first_order", args).solver_config() == LissaConfig(n_opt_iters=7, damping=1e-4, scale=5.0,
+                                                                            extractor_layer=-2)
 
 
 def test_full_run_on_digits(tmp_path, capsys):

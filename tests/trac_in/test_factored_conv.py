@@ -5,10 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deel.influenciae.common import InfluenceModel
-from deel.influenciae.common import dense_factors
-from deel.influenciae.common.dense_factors import (OuterFactor, dense_factors_of, factored_gradients, factored_gram,
-                                                   factored_squared_norms)
+from deel.influenciae.common import InfluenceModel, LayerFactors
 from deel.influenciae.trac_in import TracIn
 from tests.per_sample import tape_gradients
 
@@ -51,28 +48,33 @@ CONV_CASES = [dict(strides=1, padding="valid"), dict(strides=2, padding="same"),
               dict(strides=2, padding="same", use_bias=False)]
 
 
+def _kernels(factors):
+    """The per-layer factors that hold a kernel (Σ_p a δᵀ)."""
+    return [factor for factor in factors.layers if factor.kernel is not None]
+
+
 def _check_factors(model, x, y, gram):
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)(
+    factors = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).layer_factors(
         (tf.constant(x), tf.constant(y)))
     assert factors is not None
-    assert any(isinstance(factor, OuterFactor) and factor.positions > 1 for factor in factors)
+    assert any(factor.positions > 1 for factor in _kernels(factors))
     gradients = per_sample_tapes(model, x, y)
-    scales = tf.constant([0.5])
+    scale = 0.5
     expected = 0.5 * gradients @ gradients.T
-    np.testing.assert_allclose(factored_gram([factors], [factors], scales).numpy(), expected,
+    np.testing.assert_allclose(scale * factors.pairwise(factors).numpy(), expected,
                                rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    np.testing.assert_allclose(factored_squared_norms([factors], scales).numpy(), 0.5 * (gradients ** 2).sum(1),
+    np.testing.assert_allclose(scale * factors.squared_norms().numpy(), 0.5 * (gradients ** 2).sum(1),
                                rtol=1e-5)
-    np.testing.assert_allclose(factored_gradients([factors], tf.constant([2.0])).numpy(), 2 * gradients,
+    np.testing.assert_allclose(2.0 * factors.gradients().numpy(), 2 * gradients,
                                rtol=1e-4, atol=1e-5 * np.abs(gradients).max())
     if gram is not None:
-        assert all(factor.prefers_gram(True) is gram for factor in factors if isinstance(factor, OuterFactor))
+        assert all(factor.prefers_gram(True) is gram for factor in _kernels(factors))
 
 
 @pytest.fixture(params=[True, False], ids=["gram", "materialised"])
 def product_form(request, monkeypatch):
     """Both product forms of every factor: the Gram form and the formed per-sample gradient."""
-    monkeypatch.setattr(dense_factors.OuterFactor, "prefers_gram", lambda self, pairwise: request.param)
+    monkeypatch.setattr(LayerFactors, "prefers_gram", lambda self, pairwise: request.param)
     return request.param
 
 
@@ -89,13 +91,18 @@ def test_sequences_embeddings_and_attention_match_per_sample_tapes(product_form)
     _check_factors(sequence_model(3), x, y, product_form)
 
 
+def _outer(rows, deltas):
+    """Factors of a kernel with the given rows and output gradients."""
+    return LayerFactors(keras.layers.Dense(int(deltas.shape[-1])), rows, deltas)
+
+
 def test_the_cheaper_form_is_chosen():
     """Few positions and wide layers: Gram form; many positions: the formed gradient (pairwise)."""
-    few = OuterFactor(tf.zeros([2, 4, 72]), tf.zeros([2, 4, 32]))
-    many = OuterFactor(tf.zeros([2, 49, 18]), tf.zeros([2, 49, 8]))
+    few = _outer(tf.zeros([2, 4, 72]), tf.zeros([2, 4, 32]))
+    many = _outer(tf.zeros([2, 49, 18]), tf.zeros([2, 49, 8]))
     assert few.prefers_gram(True) and few.prefers_gram(False)
     assert not many.prefers_gram(True) and not many.prefers_gram(False)
-    assert OuterFactor(tf.zeros([2, 1, 3]), tf.zeros([2, 1, 2])).prefers_gram(True)
+    assert _outer(tf.zeros([2, 1, 3]), tf.zeros([2, 1, 2])).prefers_gram(True)
 
 
 def test_wide_conv_with_few_positions_uses_the_gram_form():
@@ -104,8 +111,8 @@ def test_wide_conv_with_few_positions_uses_the_gram_form():
                               keras.layers.Flatten(), keras.layers.Dense(3)])
     rng = np.random.default_rng(5)
     _check_factors(model, rng.normal(size=(4, 4, 4, 8)).astype(np.float32), rng.integers(0, 3, 4), None)
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)(
-        (tf.zeros([2, 4, 4, 8]), tf.zeros([2], tf.int32)))
+    factors = _kernels(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).layer_factors(
+        (tf.zeros([2, 4, 4, 8]), tf.zeros([2], tf.int32))))
     assert factors[0].positions == 4 and factors[0].prefers_gram(True)
 
 
@@ -118,11 +125,12 @@ def test_unsupported_weights_are_materialised_beside_factored_ones():
                               keras.layers.Flatten(), keras.layers.Dense(3)])
     rng = np.random.default_rng(7)
     x, y = rng.normal(size=(4, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 4)
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)(
+    factors = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).layer_factors(
         (tf.constant(x), tf.constant(y)))
-    assert not isinstance(factors[0], OuterFactor) and isinstance(factors[2], OuterFactor)
+    depthwise, conv = model.layers[0], model.layers[1]
+    assert factors.layer_factors_of(depthwise.kernel) is None and factors.layer_factors_of(conv.kernel) is not None
     gradients = per_sample_tapes(model, x, y)
-    np.testing.assert_allclose(factored_squared_norms([factors], tf.constant([1.0])).numpy(),
+    np.testing.assert_allclose(1.0 * factors.squared_norms().numpy(),
                                (gradients ** 2).sum(1), rtol=1e-5)
 
 

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .noise import draw_noisy_labels, labels_as_numpy
+
 BenchEntry = Tuple[np.ndarray, np.ndarray, float]
 
 
@@ -73,50 +75,6 @@ def checkpoint_callbacks(epochs_to_save: Optional[List[int]], optimizer: Any, us
 def _safe_name(name: str) -> str:
     """A file-system friendly version of a method name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "method"
-
-
-def _labels_as_numpy(dataset: tf.data.Dataset) -> np.ndarray:
-    """The one-hot labels of an unbatched ``(x, y)`` dataset, stacked: (N, C)."""
-    parts = list(dataset.map(lambda _, y: y).batch(4096).as_numpy_iterator())
-    if not parts:
-        raise ValueError("training_dataset is empty.")
-    return np.concatenate(parts, axis=0)
-
-
-def draw_noisy_labels(labels: np.ndarray, mislabeling_ratio: float, rng: np.random.Generator
-                      ) -> Tuple[np.ndarray, np.ndarray]:
-    """Replace a random fraction of one-hot labels by another class drawn uniformly.
-
-    Each sample is mislabeled independently with probability ``mislabeling_ratio``; its new class is drawn
-    uniformly among the C - 1 *other* classes, so a mislabeled sample never keeps its class.
-
-    Parameters
-    ----------
-    labels
-        One-hot labels (N, C) (the class is their argmax).
-    mislabeling_ratio
-        Probability in (0, 1) that a sample is mislabeled.
-    rng
-        NumPy random generator.
-
-    Returns
-    -------
-    noisy_labels, noise_indexes
-        The new labels (N, C), same dtype as ``labels``, and the sorted indices (M,) of the mislabeled samples.
-    """
-    labels = np.asarray(labels)
-    nb_samples, nb_classes = labels.shape
-    if nb_classes < 2:
-        raise ValueError("Mislabeling needs at least 2 classes.")
-    true_classes = np.argmax(labels, axis=1)
-    flipped = rng.uniform(size=nb_samples) < mislabeling_ratio
-    offsets = np.floor(rng.uniform(size=nb_samples) * (nb_classes - 1)).astype(np.int64)
-    offsets = np.minimum(offsets, nb_classes - 2)
-    # Draw among the C - 1 other classes: skip the true class.
-    other_classes = offsets + (offsets >= true_classes)
-    new_classes = np.where(flipped, other_classes, true_classes)
-    noisy = np.eye(nb_classes, dtype=labels.dtype)[new_classes]
-    return noisy, np.flatnonzero(flipped)
 
 
 class MislabelingDetectorEvaluator:
@@ -174,7 +132,7 @@ class MislabelingDetectorEvaluator:
     def clean_labels(self) -> np.ndarray:
         """The original one-hot training labels (N, C), read once from ``training_dataset``."""
         if self._clean_labels is None:
-            labels = _labels_as_numpy(self.training_dataset)
+            labels = labels_as_numpy(self.training_dataset)
             if labels.ndim != 2 or labels.shape[1] != self.nb_classes:
                 raise ValueError(f"Training labels must be one-hot of shape (N, {self.nb_classes}), got "
                                  f"{labels.shape}.")
@@ -262,7 +220,8 @@ class MislabelingDetectorEvaluator:
         Each evaluation clears the Keras session, seeds every generator with ``seed + i``, mislabels the
         training set, trains a model, builds the calculator with
         ``influence_factory.build(noisy.shuffle(1000).batch(influence_batch_size), model, train_info)``, computes
-        the self-influence of the **unshuffled** noisy training set and its detection curve.
+        the self-influence (``calculator.self_influence``) of the **unshuffled** noisy training set and its
+        detection curve.
 
         Parameters
         ----------
@@ -317,8 +276,7 @@ class MislabelingDetectorEvaluator:
             start = time.perf_counter()
             shuffled = noisy.shuffle(1000, seed=current_seed, reshuffle_each_iteration=False)
             calculator = influence_factory.build(shuffled.batch(self.influence_batch_size), model, train_info)
-            # pylint: disable=protected-access
-            values = calculator._compute_influence_values(noisy.batch(self.influence_batch_size))
+            values = calculator.self_influence(noisy.batch(self.influence_batch_size))
             influence_seconds = time.perf_counter() - start
             curve = self.compute_detection_curve(np.asarray(values), noise_indexes)
             curves.append(curve)

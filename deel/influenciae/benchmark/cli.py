@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..common.solver_registry import registered_solvers, solver_entry, solver_names
 from .base_benchmark import require_tensorboard
 
 METHODS = ("first_order", "tracin", "rps_lje", "rps_l2", "boundary_weights", "boundary_sample", "arnoldi",
@@ -80,6 +81,15 @@ def int_list(value: str) -> List[int]:
         return [int(part) for part in value.replace(" ", "").split(",") if part]
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from error
+
+
+def solver_name(value: str) -> str:
+    """A solver of the registry given by name or alias (any case), as its registered name."""
+    try:
+        return solver_entry(value.strip()).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"unknown solver {value!r}; choose among {', '.join(solver_names())}") \
+            from error
 
 
 def method_list(value: str) -> List[str]:
@@ -152,13 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bool(run, "quiet", False, "only print the final table")
 
     methods = parser.add_argument_group("methods")
-    _add(methods, "ihvp-mode", choices=("exact", "cgd", "lissa"), default="exact",
-         help="first_order / rps_lje solver (exact)")
+    _add(methods, "ihvp-mode", type=solver_name, choices=solver_names(), default="exact",
+         help="first_order / rps_lje solver (exact): " + "; ".join(
+             f"{entry.name}: {entry.description}" if entry.description else entry.name
+             for entry in registered_solvers()))
     _add(methods, "start-layer", type=layer_spec, default=-1, help="first_order / arnoldi watched layer (-1)")
     _add(methods, "dataset-hessian-size", type=int, default=None,
          help="samples of the Hessian (-1: all; digits -1, cifar10 2000)")
-    _add(methods, "n-opt-iters", type=int, default=100, help="CGD / LiSSA iterations (100)")
-    _add(methods, "feature-extractor", type=layer_spec, default=-1, help="CGD / LiSSA head's first layer (-1)")
+    _add(methods, "n-opt-iters", type=int, default=100, help="iterations of the iterative solvers, CGD / LiSSA (100)")
+    _add(methods, "feature-extractor", type=layer_spec, default=-1,
+         help="first layer of the head of the iterative solvers, CGD / LiSSA (-1)")
     _add(methods, "regularization", type=float, default=0.0,
          help="damping λ of (H + λI) for first_order, arnoldi and rps_lje (0)")
     _add(methods, "lambda-regularization", type=float, default=1e-3, help="rps_l2 λ (1e-3)")
@@ -196,24 +209,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def make_factory(method: str, args: argparse.Namespace) -> Any:
-    """The calculator factory of a method with the command line's settings."""
+    """The calculator factory of a method with the command line's settings.
+
+    First order and RPS-LJE take their solver (``--ihvp-mode``, any registered name) through the solver registry
+    (:meth:`~deel.influenciae.benchmark.influence_factory.FirstOrderFactory.solver_config`).
+    """
     # pylint: disable=import-outside-toplevel
     from . import influence_factory as factories
+    solver = {"ihvp_mode": args.ihvp_mode, "dataset_hessian_size": args.dataset_hessian_size,
+              "n_opt_iters": args.n_opt_iters, "feature_extractor": args.feature_extractor,
+              "regularization": args.regularization}
     builders = {
-        "first_order": lambda: factories.FirstOrderFactory(args.ihvp_mode, args.start_layer, args.dataset_hessian_size,
-                                                           args.n_opt_iters, args.feature_extractor,
-                                                           regularization=args.regularization),
+        "first_order": lambda: factories.FirstOrderFactory(start_layer=args.start_layer, **solver),
         "tracin": lambda: factories.TracInFactory(start_layer=args.tracin_start_layer),
-        "rps_lje": lambda: factories.RPSLJEFactory(args.ihvp_mode, -1, args.dataset_hessian_size, args.n_opt_iters,
-                                                   args.feature_extractor, regularization=args.regularization),
+        "rps_lje": lambda: factories.RPSLJEFactory(**solver),
         "rps_l2": lambda: factories.RPSL2Factory(lambda_regularization=args.lambda_regularization,
                                                  scaling_factor=args.scaling_factor, layer_index=args.layer_index,
                                                  epochs=args.epochs_rpsl2),
-        "boundary_weights": lambda: factories.WeightsBoundaryCalculatorFactory(args.boundary_iter),
-        "boundary_sample": lambda: factories.SampleBoundaryCalculatorFactory(args.boundary_iter),
-        "arnoldi": lambda: factories.ArnoldiCalculatorFactory(args.subspace_dim, args.force_hermitian,
-                                                              args.k_largest_eig_vals, args.start_layer,
-                                                              args.dataset_hessian_size,
+        "boundary_weights": lambda: factories.WeightsBoundaryCalculatorFactory(step_nbr=args.boundary_iter),
+        "boundary_sample": lambda: factories.SampleBoundaryCalculatorFactory(step_nbr=args.boundary_iter),
+        "arnoldi": lambda: factories.ArnoldiCalculatorFactory(subspace_dim=args.subspace_dim,
+                                                              force_hermitian=args.force_hermitian,
+                                                              k_largest_eig_vals=args.k_largest_eig_vals,
+                                                              start_layer=args.start_layer,
+                                                              dataset_hessian_size=args.dataset_hessian_size,
                                                               regularization=args.regularization),
         "loss_ranking": factories.LossRankingFactory,
     }

@@ -1,10 +1,10 @@
 """Mislabeled-sample detection on scikit-learn's bundled ``load_digits`` (offline, seconds per run).
 
-1,797 grey 8×8 images of the digits 0-9, scaled to [0, 1]. The model is a small MLP (or CNN) whose last layer is a
-bias-free ``Dense(10)`` producing logits, so every method (RPS included) applies. The defaults (MLP 64-64-10, Adam
-3e-3, 100 epochs, batch 64) fit the clean samples and start memorising some mislabeled ones (about 92 % accuracy
-on the noisy labels with 10 % noise), the regime where the loss alone stops finding them. scikit-learn is imported only
-when the data are loaded.
+1,797 grey 8×8 images of the digits 0-9, scaled to [0, 1] (data and model builders: :mod:`.digits`). The model is a
+small MLP (or CNN) whose last layer is a bias-free ``Dense(10)`` producing logits, so every method (RPS included)
+applies. The defaults (MLP 64-64-10, Adam 3e-3, 100 epochs, batch 64) fit the clean samples and start memorising some
+mislabeled ones, the regime where the loss alone stops finding them (the accuracy on the noisy labels of a run is in
+``benchmarks/README.md``). scikit-learn is imported only when the data are loaded.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -13,14 +13,14 @@ import numpy as np
 import tensorflow as tf
 
 from .base_benchmark import BaseTrainingProcedure, MislabelingDetectorEvaluator, checkpoint_callbacks
-
-DIGITS_CLASSES = 10
+from .digits import DIGITS_CLASSES, DIGITS_PIXELS, build_mlp, load_digits_split, train_classifier
 
 
 def load_digits_datasets(test_ratio: float = 0.2, seed: int = 0, train_size: Optional[int] = None,
                          test_size: Optional[int] = None, image: bool = False
                          ) -> Tuple[tf.data.Dataset, tf.data.Dataset]:
-    """scikit-learn's digits as unbatched ``(x, one_hot_y)`` training and test datasets.
+    """scikit-learn's digits as unbatched ``(x, one_hot_y)`` training and test datasets
+    (:func:`~deel.influenciae.benchmark.digits.load_digits_split` with the test set first).
 
     Parameters
     ----------
@@ -38,23 +38,11 @@ def load_digits_datasets(test_ratio: float = 0.2, seed: int = 0, train_size: Opt
     training_dataset, test_dataset
         ``x`` float32 in [0, 1], ``y`` one-hot float32 (10,).
     """
-    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-    if not 0 < test_ratio < 1:
-        raise ValueError(f"test_ratio must be in (0, 1), got {test_ratio}.")
-    digits = load_digits()
-    inputs = (digits.data / 16.0).astype(np.float32)
-    if image:
-        inputs = inputs.reshape(-1, 8, 8, 1)
-    labels = np.eye(DIGITS_CLASSES, dtype=np.float32)[digits.target]
-    order = np.random.default_rng(seed).permutation(len(labels))
-    nb_test = int(round(test_ratio * len(labels)))
-    test_index, train_index = order[:nb_test], order[nb_test:]
-    if train_size is not None and train_size > 0:
-        train_index = train_index[:int(train_size)]
-    if test_size is not None and test_size > 0:
-        test_index = test_index[:int(test_size)]
-    train = tf.data.Dataset.from_tensor_slices((inputs[train_index], labels[train_index]))
-    test = tf.data.Dataset.from_tensor_slices((inputs[test_index], labels[test_index]))
+    split = load_digits_split(seed, test_ratio=test_ratio, test_first=True,
+                              input_shape=(8, 8, 1) if image else (DIGITS_PIXELS,)).take(train_size, test_size)
+    arrays = split.arrays(as_one_hot=True)
+    train = tf.data.Dataset.from_tensor_slices((arrays["x_train"], arrays["y_train"]))
+    test = tf.data.Dataset.from_tensor_slices((arrays["x_test"], arrays["y_test"]))
     return train, test
 
 
@@ -69,7 +57,7 @@ def _as_arrays(dataset: tf.data.Dataset) -> Tuple[np.ndarray, np.ndarray]:
 def build_digits_model(input_shape: Sequence[int], nb_classes: int = DIGITS_CLASSES, model_type: str = "mlp",
                        hidden_units: int = 64, use_regularization: bool = False, l2: float = 1e-4,
                        use_bias: bool = False) -> keras.Model:
-    """Small classifier returning logits.
+    """Small classifier returning logits (:func:`~deel.influenciae.benchmark.digits.build_mlp`).
 
     Parameters
     ----------
@@ -87,22 +75,17 @@ def build_digits_model(input_shape: Sequence[int], nb_classes: int = DIGITS_CLAS
     use_bias
         Bias of the last layer (False by default so that RPS applies).
     """
-    regularizer = keras.regularizers.L2(l2) if use_regularization else None
-    layers: List[keras.layers.Layer] = [keras.Input(tuple(input_shape))]
+    penalty = l2 if use_regularization else None
+    stem: List[keras.layers.Layer] = []
     if model_type == "cnn":
         if len(input_shape) != 3:
             raise ValueError(f"model_type='cnn' needs image inputs (H, W, C), got input_shape {tuple(input_shape)}; "
                              "use load_digits_datasets(image=True).")
-        layers += [keras.layers.Conv2D(8, 3, activation="relu", kernel_regularizer=regularizer),
-                   keras.layers.Flatten()]
-    elif model_type == "mlp":
-        if len(input_shape) != 1:
-            layers.append(keras.layers.Flatten())
-    else:
+        regularizer = keras.regularizers.L2(l2) if use_regularization else None
+        stem = [keras.layers.Conv2D(8, 3, activation="relu", kernel_regularizer=regularizer), keras.layers.Flatten()]
+    elif model_type != "mlp":
         raise ValueError(f"model_type must be 'mlp' or 'cnn', got {model_type!r}.")
-    layers += [keras.layers.Dense(hidden_units, activation="relu", kernel_regularizer=regularizer),
-               keras.layers.Dense(nb_classes, use_bias=use_bias, kernel_regularizer=regularizer)]
-    return keras.Sequential(layers)
+    return build_mlp(input_shape, hidden_units, nb_classes, output_bias=use_bias, l2=penalty, stem=stem)
 
 
 def default_epochs_to_save(epochs: int, nb_checkpoints: int = 5) -> List[int]:
@@ -162,11 +145,9 @@ class DigitsTrainingProcedure(BaseTrainingProcedure):
         model = build_digits_model(x_train.shape[1:], y_train.shape[1], self.model_type, self.hidden_units,
                                    self.use_regu, self.l2, self.use_bias)
         optimizer = keras.optimizers.Adam(self.learning_rate)
-        model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
         callbacks, saver = checkpoint_callbacks(self.epochs_to_save, optimizer, self.use_tensorboard, log_path)
-        model.fit(x_train, y_train, batch_size=train_batch_size, epochs=self.epochs, shuffle=True,
-                  verbose=2 if self.verbose else 0, callbacks=callbacks)
+        train_classifier(model, x_train, y_train, self.epochs, train_batch_size, optimizer=optimizer,
+                         metrics=["accuracy"], shuffle=True, callbacks=callbacks, verbose=2 if self.verbose else 0)
         train_acc = float(model.evaluate(x_train, y_train, batch_size=test_batch_size, verbose=0,
                                          return_dict=True)["accuracy"])
         test_acc = float(model.evaluate(x_test, y_test, batch_size=test_batch_size, verbose=0,

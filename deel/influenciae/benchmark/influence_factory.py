@@ -5,25 +5,27 @@ Every factory holds a method's settings and implements
 (noisy) training set, ``model`` the trained Keras classifier (logits output) and ``train_info`` what the training
 procedure returned besides the model (TracIn needs its checkpoints).
 """
+import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import keras
 import tensorflow as tf
 
 from ..boundary_based import SampleBoundaryCalculator, WeightsBoundaryCalculator
 from ..common.base_influence import SelfInfluenceCalculator
-from ..common.ihvp_factory import (CGDIHVPFactory, ExactIHVPFactory, InverseHessianVectorProductFactory,
-                                   LissaIHVPFactory)
-from ..common.inverse_hessian_vector_product import ConjugateGradientDescentIHVP, ExactIHVP, LissaIHVP
 from ..common.model_wrappers import InfluenceModel, check_unreduced_loss
+from ..common.solver_registry import SolverConfig, build_solver, default_config, solver_entry, solver_names
 from ..influence import ArnoldiInfluenceCalculator, FirstOrderInfluenceCalculator
 from ..rps import RepresenterPointL2, RepresenterPointLJE
 from ..trac_in import TracIn
 
-IHVP_MODES = ("exact", "cgd", "lissa")
 LISSA_DAMPING = 1e-4
 LISSA_SCALE = 5.0
+# Settings of one solver that differ from the registry's defaults: LiSSA as the reference's benchmark.
+SOLVER_SETTINGS: Dict[str, Dict[str, Any]] = {"lissa": {"damping": LISSA_DAMPING, "scale": LISSA_SCALE}}
+
+IhvpMode = Union[str, SolverConfig]
 
 
 def default_loss() -> keras.losses.Loss:
@@ -31,11 +33,19 @@ def default_loss() -> keras.losses.Loss:
     return keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
 
 
-def _check_ihvp_mode(ihvp_mode: str) -> str:
-    mode = str(ihvp_mode).lower()
-    if mode not in IHVP_MODES:
-        raise ValueError(f"ihvp_mode must be one of {IHVP_MODES}, got {ihvp_mode!r}.")
-    return mode
+def ihvp_modes() -> Tuple[str, ...]:
+    """The solvers an influence-function factory accepts as ``ihvp_mode``: the registry's names."""
+    return solver_names()
+
+
+def _check_ihvp_mode(ihvp_mode: IhvpMode) -> Tuple[str, Optional[SolverConfig]]:
+    """The registered name of a solver and, when ``ihvp_mode`` is a configuration, that configuration."""
+    if isinstance(ihvp_mode, SolverConfig):
+        return ihvp_mode.name, ihvp_mode
+    try:
+        return solver_entry(str(ihvp_mode)).name, None
+    except ValueError:
+        raise ValueError(f"ihvp_mode must be one of {ihvp_modes()} or a SolverConfig, got {ihvp_mode!r}.") from None
 
 
 def _batch_size_of(dataset: tf.data.Dataset) -> int:
@@ -105,9 +115,10 @@ class InfluenceCalculatorFactory(ABC):
 class _InfluenceFunctionFactory(InfluenceCalculatorFactory, ABC):
     """Settings shared by the factories that build an influence-function solver (first order, RPS-LJE)."""
 
-    def __init__(self, ihvp_mode: str, start_layer: Union[int, str], dataset_hessian_size: int, n_opt_iters: int,
-                 feature_extractor: Union[int, str], loss_function: Optional[Callable], regularization: float):
-        self.ihvp_mode = _check_ihvp_mode(ihvp_mode)
+    def __init__(self, ihvp_mode: IhvpMode, start_layer: Union[int, str], dataset_hessian_size: int,
+                 n_opt_iters: int, feature_extractor: Union[int, str], loss_function: Optional[Callable],
+                 regularization: float):
+        self.ihvp_mode, self.ihvp_config = _check_ihvp_mode(ihvp_mode)
         self.start_layer = start_layer
         self.dataset_hessian_size = int(dataset_hessian_size)
         self.n_opt_iters = int(n_opt_iters)
@@ -116,6 +127,22 @@ class _InfluenceFunctionFactory(InfluenceCalculatorFactory, ABC):
         check_unreduced_loss(self.loss_function)
         self.regularization = float(regularization)
 
+    def solver_config(self) -> SolverConfig:
+        """The configuration of the solver (:mod:`~deel.influenciae.common.solver_registry`).
+
+        A configuration given as ``ihvp_mode`` is used as it is. A name gives the registry's defaults with this
+        factory's ``regularization`` and, where the configuration has the field, ``n_opt_iters``, the head's first
+        layer ``extractor_layer = feature_extractor`` and the benchmark's own settings (LiSSA: damping 1e-4,
+        scale 5, as the reference).
+        """
+        if self.ihvp_config is not None:
+            return self.ihvp_config
+        config = default_config(self.ihvp_mode, self.regularization)
+        settings = {"n_opt_iters": self.n_opt_iters, "extractor_layer": self.feature_extractor,
+                    **SOLVER_SETTINGS.get(self.ihvp_mode, {})}
+        fields = {field.name for field in dataclasses.fields(config)}
+        return config.replace(**{name: value for name, value in settings.items() if name in fields})
+
 
 class FirstOrderFactory(_InfluenceFunctionFactory):
     """:class:`~deel.influenciae.influence.FirstOrderInfluenceCalculator` (self-influence ``g(z)ᵀ H⁻¹ g(z)``).
@@ -123,26 +150,29 @@ class FirstOrderFactory(_InfluenceFunctionFactory):
     Parameters
     ----------
     ihvp_mode
-        ``'exact'``, ``'cgd'`` or ``'lissa'`` (LiSSA with damping 1e-4 and scale 5, as the reference).
+        A registered solver (:func:`~deel.influenciae.common.solver_names`: ``'exact'``, ``'cgd'``, ``'lissa'``,
+        ``'arnoldi'``; LiSSA with damping 1e-4 and scale 5, as the reference) or a solver configuration such as
+        ``ConjugateGradientConfig(regularization=1e-2, n_opt_iters=50)`` (see :meth:`solver_config`).
     start_layer
         First watched layer of the :class:`InfluenceModel` (default -1: the last layer).
     dataset_hessian_size
         Number of training **samples** (the first ones of the shuffled training set) over which the Hessian is
         averaged; -1: all of them.
     n_opt_iters
-        Iterations of CGD / LiSSA.
+        Iterations of the iterative solvers (CGD, LiSSA).
     feature_extractor
-        Index or name of the first layer of the head for CGD / LiSSA.
+        Index or name of the first layer of the head for CGD / LiSSA (their ``extractor_layer``).
     loss_function
         Per-sample loss (default: categorical cross-entropy on logits).
     regularization
-        λ ≥ 0: ``(H + λI)⁻¹`` (damping; useful when H is singular or not positive definite).
+        λ ≥ 0: ``(H + λI)⁻¹`` (damping; useful when H is singular or not positive definite); a configuration given
+        as ``ihvp_mode`` keeps its own.
     normalize
         RelatIF normalisation of the influence vectors.
     """
 
-    def __init__(self, ihvp_mode: str = "exact", start_layer: Union[int, str] = -1, dataset_hessian_size: int = -1,
-                 n_opt_iters: int = 100, feature_extractor: Union[int, str] = -1,
+    def __init__(self, ihvp_mode: IhvpMode = "exact", start_layer: Union[int, str] = -1,
+                 dataset_hessian_size: int = -1, n_opt_iters: int = 100, feature_extractor: Union[int, str] = -1,
                  loss_function: Optional[Callable] = None, regularization: float = 0.0, normalize: bool = False):
         super().__init__(ihvp_mode, start_layer, dataset_hessian_size, n_opt_iters, feature_extractor, loss_function,
                          regularization)
@@ -152,15 +182,9 @@ class FirstOrderFactory(_InfluenceFunctionFactory):
               ) -> FirstOrderInfluenceCalculator:
         influence_model = InfluenceModel(model, start_layer=self.start_layer, loss_function=self.loss_function)
         hessian_set = hessian_subset(training_dataset, self.dataset_hessian_size)
-        if self.ihvp_mode == "exact":
-            ihvp = ExactIHVP(influence_model, hessian_set, regularization=self.regularization)
-        elif self.ihvp_mode == "cgd":
-            ihvp = ConjugateGradientDescentIHVP(influence_model, self.feature_extractor, hessian_set, self.n_opt_iters,
-                                                regularization=self.regularization)
-        else:
-            ihvp = LissaIHVP(influence_model, self.feature_extractor, hessian_set, self.n_opt_iters,
-                             damping=LISSA_DAMPING, scale=LISSA_SCALE, regularization=self.regularization)
-        return FirstOrderInfluenceCalculator(influence_model, training_dataset, ihvp, normalize=self.normalize)
+        ihvp = build_solver(self.solver_config(), influence_model, hessian_set)
+        return FirstOrderInfluenceCalculator(influence_model, training_dataset, ihvp_calculator=ihvp,
+                                             normalize=self.normalize)
 
 
 class ArnoldiCalculatorFactory(InfluenceCalculatorFactory):
@@ -203,7 +227,8 @@ class ArnoldiCalculatorFactory(InfluenceCalculatorFactory):
         subspace_dim = min(self.subspace_dim, influence_model.nb_params)
         k_largest = min(self.k_largest_eig_vals, subspace_dim)
         hessian_set = hessian_subset(training_dataset, self.dataset_hessian_size)
-        return ArnoldiInfluenceCalculator(influence_model, hessian_set, subspace_dim, self.force_hermitian, k_largest,
+        return ArnoldiInfluenceCalculator(influence_model, hessian_set, subspace_dim=subspace_dim,
+                                          force_hermitian=self.force_hermitian, k_largest_eig_vals=k_largest,
                                           dtype=self.dtype, regularization=self.regularization, seed=self.seed)
 
 
@@ -265,8 +290,9 @@ class RPSL2Factory(InfluenceCalculatorFactory):
 
     def build(self, training_dataset: tf.data.Dataset, model: keras.Model, train_info: Any) -> RepresenterPointL2:
         loss = self.loss_function if self.surrogate_target == "labels" else None
-        return RepresenterPointL2(model, training_dataset, loss, self.lambda_regularization, self.scaling_factor,
-                                  self.epochs, self.layer_index, surrogate_target=self.surrogate_target)
+        return RepresenterPointL2(model, training_dataset, loss, lambda_regularization=self.lambda_regularization,
+                                  scaling_factor=self.scaling_factor, epochs=self.epochs, layer_index=self.layer_index,
+                                  surrogate_target=self.surrogate_target)
 
 
 class RPSLJEFactory(_InfluenceFunctionFactory):
@@ -282,24 +308,17 @@ class RPSLJEFactory(_InfluenceFunctionFactory):
         λ of the IHVP on the perturbed head.
     """
 
-    def __init__(self, ihvp_mode: str = "exact", start_layer: Union[int, str] = -1, dataset_hessian_size: int = -1,
-                 n_opt_iters: int = 100, feature_extractor: Union[int, str] = -1,
+    def __init__(self, ihvp_mode: IhvpMode = "exact", start_layer: Union[int, str] = -1,
+                 dataset_hessian_size: int = -1, n_opt_iters: int = 100, feature_extractor: Union[int, str] = -1,
                  loss_function: Optional[Callable] = None, regularization: float = 0.0):
         super().__init__(ihvp_mode, start_layer, dataset_hessian_size, n_opt_iters, feature_extractor, loss_function,
                          regularization)
 
-    def _ihvp_factory(self) -> InverseHessianVectorProductFactory:
-        if self.ihvp_mode == "exact":
-            return ExactIHVPFactory(regularization=self.regularization)
-        if self.ihvp_mode == "cgd":
-            return CGDIHVPFactory(self.feature_extractor, self.n_opt_iters, regularization=self.regularization)
-        return LissaIHVPFactory(self.feature_extractor, self.n_opt_iters, damping=LISSA_DAMPING, scale=LISSA_SCALE,
-                                regularization=self.regularization)
-
     def build(self, training_dataset: tf.data.Dataset, model: keras.Model, train_info: Any) -> RepresenterPointLJE:
         influence_model = InfluenceModel(model, start_layer=-1, loss_function=self.loss_function)
         size = self.dataset_hessian_size if self.dataset_hessian_size > 0 else None
-        return RepresenterPointLJE(influence_model, training_dataset, self._ihvp_factory(), n_samples_for_hessian=size)
+        return RepresenterPointLJE(influence_model, training_dataset, ihvp_calculator=self.solver_config(),
+                                   n_samples_for_hessian=size)
 
 
 class WeightsBoundaryCalculatorFactory(InfluenceCalculatorFactory):

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import SelfInfluenceCalculator
+from ..common.derivatives import values_and_input_jacobians
 
 
 def check_classifier(model: Any, step_nbr: int, eps: float) -> None:
@@ -159,10 +160,7 @@ class SampleBoundaryCalculator(SelfInfluenceCalculator):
 
     def _step(self, points: tf.Tensor, origin: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         """One DeepFool step for a batch of active points: new points (B, *x_shape), still active (B,)."""
-        with tf.GradientTape() as tape:
-            tape.watch(points)
-            scores = self._scores(points)
-        jacobian = tape.batch_jacobian(scores, points)                      # (B, C, *x_shape)
+        scores, jacobian = values_and_input_jacobians(self._scores, points)  # (B, C), (B, C, *x_shape)
         jacobian = tf.reshape(jacobian, tf.stack([tf.shape(jacobian)[0], tf.shape(jacobian)[1], -1]))
         delta, w, norm, movable = deepfool_direction(scores, jacobian, origin,
                                                      lambda w: tf.norm(w, axis=-1))

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import SelfInfluenceCalculator
+from ..common.derivatives import values_and_jacobian
 from .sample_boundary import as_float_inputs, check_class_count, check_classifier, deepfool_direction, \
     still_on_origin_side
 
@@ -108,11 +109,8 @@ class WeightsBoundaryCalculator(SelfInfluenceCalculator):
 
     def _step(self, theta: tf.Tensor, point: tf.Tensor, origin: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         """One DeepFool step on the weights for one sample: new θ (P,), still active (scalar bool)."""
-        with tf.GradientTape() as tape:
-            tape.watch(theta)
-            scores = self._scores_at(theta, point)
-            first = scores[0]  # sliced inside the tape so that the Jacobian reaches θ
-        jacobian = tape.jacobian(first, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)  # (C, P)
+        first, jacobian = values_and_jacobian(lambda weights: self._scores_at(weights, point)[0], theta)  # (C, P)
+        scores = first[None]
         delta, w, norm, movable = deepfool_direction(scores, jacobian[None], origin, self._norm)
         active = tf.logical_and(still_on_origin_side(scores, origin, self.eps), movable)[0]
         p = tf.constant(self.norm_type, theta.dtype)

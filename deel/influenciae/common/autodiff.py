@@ -1,6 +1,7 @@
 """Compiled derivative kernels of a per-sample loss with respect to a flat vector of watched weights.
 
-This is the only module of the library that uses gradient tapes. A :class:`LossKernels` object turns
+Gradient tapes live here (the model's loss), in :mod:`.derivatives` (plain functions: RPS-L2's surrogate objective,
+the boundary methods' scores) and in the per-layer factor kernels. A :class:`LossKernels` object turns
 (model, watched variables, loss) into pure functions of a flat parameter vector θ (length P), evaluated
 with ``model.stateless_call`` so that θ can be differentiated freely, and exposes compiled kernels:
 
@@ -130,9 +131,6 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
             raise ValueError("The watched weights hold no parameter.")
         # Inference mode (dropout off, BatchNorm statistics frozen) for models whose call() takes `training`.
         self._call_kwargs = {"training": False} if _accepts_training(model) else {}
-        # Objects built once per (model, watched weights, loss) and shared by every solver using these kernels
-        # (the head split of iterative solvers, the compiled Arnoldi loop), so that new solvers trace nothing.
-        self.compiled_cache: dict = {}
         self.per_sample_losses = compile_function(self._per_sample_losses_eager)
         self.per_sample_gradients = compile_function(self._per_sample_gradients_eager)
         self.summed_gradient = compile_function(self._summed_gradient_eager)
@@ -220,7 +218,7 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
         with tf.GradientTape() as outer:
             outer.watch(theta)
             gradient = self._gradient_at(theta, *self._split(batch))
-        # A loop of P backward passes measured faster than pfor here (1.7 s vs 9.8 s at P = 2,410, N = 1,437).
+        # A loop of P backward passes: faster than pfor here (benchmarks/README.md, "Design measurements").
         return outer.jacobian(gradient, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO,
                               experimental_use_pfor=False)
 
@@ -230,9 +228,9 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
         with tf.GradientTape(persistent=True) as outer:
             outer.watch(theta)
             gradient = self._gradient_at(theta, *self._split(batch))
-        # One backward pass of the gradient per column, H v_k = d(v_kᵀ g)/dθ, in a loop: measured twice as fast as
-        # vectorizing the K columns with pfor (digits MLP, P = 2,410, 1,437 samples: 84 ms vs 174 ms for K = 479)
-        # and its memory is that of one backward pass instead of K.
+        # One backward pass of the gradient per column, H v_k = d(v_kᵀ g)/dθ, in a loop: faster than vectorizing the
+        # K columns with pfor (benchmarks/README.md, "Design measurements") and its memory is that of one backward
+        # pass instead of K.
         count = tf.shape(vectors)[1]
 
         def column(index, products):

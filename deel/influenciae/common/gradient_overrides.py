@@ -4,8 +4,8 @@ Keras' cross-entropies with ``from_logits=True`` run on TensorFlow's fused ``Sof
 ``SparseSoftmaxCrossEntropyWithLogits`` ops. Their registered gradient returns the op's second output
 (``softmax(z) - y``); differentiating that gradient again (Hessians, Hessian-vector products) goes back through the
 fused op's own gradient, which recomputes the softmax and contracts it with a batch of (1, C) x (C, 1) matrix
-products. In the P-iteration loop of an exact Hessian this doubles the cost (digits MLP, P = 2,410, 1,437 samples:
-790 ms vs 323 ms).
+products. In the P-iteration loop of an exact Hessian this about doubles the cost (figures in benchmarks/README.md,
+"Design measurements").
 
 While our kernels are traced (:func:`cheap_second_derivatives`), the two gradients are replaced by ones with the
 same values whose own derivative goes through ``softmax`` only: the backward value is written

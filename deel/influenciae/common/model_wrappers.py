@@ -1,4 +1,5 @@
 """Wrappers that tell which weights of a Keras model are watched and give per-sample derivatives."""
+import functools
 import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -6,9 +7,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..utils.tf_operations import (assert_batched_dataset, batch_origin, check_finite_batch, compute_batches,
-                                   default_process_batch, from_layer_name_to_layer_idx)
+from ..utils.batch_checks import batch_origin, check_finite_batch
+from ..utils.tf_operations import assert_batched_dataset, default_process_batch, from_layer_name_to_layer_idx
 from .autodiff import LossKernels
+from .compat import loss_given_as_last_layer
+from .executor import EmptyDatasetError, Executor
+from .factor_kernels import LayerFactorKernels
 
 ProcessBatchTypeAlias = Callable[[Tuple], Tuple[Any, Any, Optional[tf.Tensor]]]
 
@@ -111,6 +115,12 @@ class BaseInfluenceModel:
         """The layers of the wrapped model."""
         return self.model.layers
 
+    @functools.cached_property
+    def layer_factors(self) -> LayerFactorKernels:
+        """The per-layer factors of the watched weights' per-sample gradients, batch by batch, and their products
+        (:class:`~deel.influenciae.common.factor_kernels.LayerFactorKernels`, compiled once per influence model)."""
+        return LayerFactorKernels(self.kernels)
+
     # Batch-level derivatives --------------------------------------------------------------------
     # Every kernel entry checks its batch first (check_batch): a NaN input can vanish inside compiled kernels and
     # a badly shaped input fails deep inside the vectorized graph.
@@ -169,9 +179,9 @@ class BaseInfluenceModel:
     # Dataset-level helpers (eager) ---------------------------------------------------------------
     def _over_batches(self, dataset: tf.data.Dataset, kernel: Callable, name: str) -> List[tf.Tensor]:
         assert_batched_dataset(dataset, name)
-        results = [kernel(batch) for batch in compute_batches(dataset)]
+        results = list(Executor().map(kernel, dataset))
         if not results:
-            raise ValueError(f"{name} is empty.")
+            raise EmptyDatasetError(f"{name} is empty.")
         return results
 
     def batch_loss(self, dataset: tf.data.Dataset) -> tf.Tensor:
@@ -262,7 +272,8 @@ class InfluenceModel(BaseInfluenceModel):
         ``start_layer``.
     loss_function, process_batch_for_loss_fn
         See :class:`BaseInfluenceModel`. A callable given as third positional argument (``last_layer``) while
-        ``loss_function`` is not given is taken as the loss: ``InfluenceModel(model, start_layer, loss)``.
+        ``loss_function`` is not given is taken as the loss, as in the reference's README
+        (``InfluenceModel(model, start_layer, loss)``), with a ``DeprecationWarning``: pass ``loss_function=``.
 
     Raises
     ------
@@ -279,9 +290,8 @@ class InfluenceModel(BaseInfluenceModel):
             raise ValueError(f"model {model.name!r} is not built, so its layers have no weights yet: start it with "
                              "keras.Input(shape), call model.build((None, *input_shape)) or call it on a batch before "
                              "wrapping it in InfluenceModel.")
-        if callable(last_layer) and loss_function is None:
-            # InfluenceModel(model, start_layer, loss_function): the reference's README passes the loss third.
-            last_layer, loss_function = None, last_layer
+        if loss_function is None:
+            last_layer, loss_function = loss_given_as_last_layer(last_layer, loss_function, callable)
         self.start_layer = start_layer
         self.last_layer = last_layer
         if start_layer is None:

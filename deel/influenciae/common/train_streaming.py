@@ -17,21 +17,14 @@ from typing import Any, Iterator, List, Optional, Tuple
 import tensorflow as tf
 
 from ..utils.nearest_neighbors import initial_top_k_state, merge_top_k
-from ..utils.progress import progress_bar
 from ..utils.sorted_dict import ORDER
-from ..utils.tf_operations import compute_batches, dataset_size
+from ..utils.batch_checks import compute_batches
+from ..utils.tf_operations import dataset_size
+from .executor import Executor, concat_structures, first_dim
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES, structure_bytes
 from .model_wrappers import assert_finite
 
-
-def concat_structures(parts: List[Any]) -> Any:
-    """Concatenate a list of equally structured batches along their first axis."""
-    return tf.nest.map_structure(lambda *tensors: tf.concat(tensors, axis=0), *parts)
-
-
-def first_dim(structure: Any) -> int:
-    """Number of rows (samples) of a batch structure."""
-    return int(tf.shape(tf.nest.flatten(structure)[0])[0])
+__all__ = ["TrainStreaming", "ragged_by_batches", "concat_structures", "first_dim"]
 
 
 class TrainStreaming:  # pylint: disable=no-member
@@ -60,34 +53,40 @@ class TrainStreaming:  # pylint: disable=no-member
                                                                     self._compute_influence_vector(train_batch))
 
     # Machinery ----------------------------------------------------------------------------------
+    def _streaming_executor(self) -> Executor:
+        return Executor(None, self.verbose, self.memory_budget_bytes)
+
+    def _test_side_bytes_per_sample(self) -> Optional[int]:
+        """Bytes of the test side of one sample when known beforehand (then the test side of a whole chunk is
+        computed at once, e.g. one solve for all its samples); None: measured batch by batch."""
+        return None
+
     def _test_chunks(self, dataset_to_evaluate: tf.data.Dataset) -> Iterator[Tuple[List[Tuple], Any]]:
         """``(test batches, their test side)`` in chunks whose test side fits ``memory_budget_bytes``."""
+        executor = self._streaming_executor()
+        per_sample = self._test_side_bytes_per_sample()  # pylint: disable=assignment-from-none
         batches: List[Tuple] = []
         sides: List[Any] = []
         held = 0
-        for batch in compute_batches(dataset_to_evaluate):
-            batch = tuple(batch)
-            side = self._streamed_test_side([batch])
+        for batch in executor.batches(dataset_to_evaluate):
             batches.append(batch)
-            sides.append(side)
-            held += structure_bytes(side)
+            if per_sample is None:
+                sides.append(self._streamed_test_side([batch]))
+                held += structure_bytes(sides[-1])
+            else:
+                held += per_sample * first_dim(batch)
             if held >= self.memory_budget_bytes:
-                yield batches, concat_structures(sides)
+                yield batches, concat_structures(sides) if sides else self._streamed_test_side(batches)
                 batches, sides, held = [], [], 0
         if batches:
-            yield batches, concat_structures(sides)
+            yield batches, concat_structures(sides) if sides else self._streamed_test_side(batches)
 
     def _train_blocks(self, test_side: Any, train_set: tf.data.Dataset, description: str
                       ) -> Iterator[Tuple[tf.Tensor, Tuple]]:
         """``(values (T, B), training batch)`` for every training batch, with a progress bar."""
-        try:
-            total = int(tf.data.experimental.cardinality(train_set))
-        except (TypeError, ValueError):
-            total = -1
-        for batch in progress_bar(compute_batches(train_set), total if total >= 0 else None, description,
-                                  self.verbose):
-            batch = tuple(batch)
-            block = self._streamed_block(test_side, batch)
+        executor = self._streaming_executor()
+        for block, batch in executor.map_with_batches(lambda batch: self._streamed_block(test_side, batch), train_set,
+                                                      description):
             assert_finite(block, "influence values")
             yield block, batch
 
@@ -103,16 +102,37 @@ class TrainStreaming:  # pylint: disable=no-member
             raise ValueError("dataset_to_evaluate is empty.")
         return tf.concat(rows, axis=0)
 
+    def _streamed_symmetric_matrix(self, dataset_to_evaluate: tf.data.Dataset, train_set: tf.data.Dataset
+                                   ) -> tf.Tensor:
+        """:meth:`_streamed_matrix` for methods whose value is symmetric in its two samples (``I(t, z) = I(z, t)``,
+        e.g. ``g(t)ᵀ H⁻¹ g(z)``): the smaller of the two sets is held (its test side is the expensive one: a solve
+        per sample) and the other streamed; equal sizes hold the test set. Sizes are read without computing
+        anything when the cardinalities are known."""
+        try:
+            train_size, test_size = dataset_size(train_set), dataset_size(dataset_to_evaluate)
+        except (TypeError, ValueError):
+            return self._streamed_matrix(dataset_to_evaluate, train_set)
+        if train_size == 0:
+            raise ValueError("train_set is empty.")
+        if train_size < test_size:
+            # The training set is held and the test set streamed: the roles swap.
+            return tf.transpose(self._streamed_matrix(train_set, dataset_to_evaluate))  # pylint: disable=W1114
+        return self._streamed_matrix(dataset_to_evaluate, train_set)
+
     def _streamed_top_k(self, dataset_to_evaluate: tf.data.Dataset, train_set: tf.data.Dataset, k: int,
-                        order: ORDER, d_type: tf.DType) -> Tuple[List[Tuple], tf.Tensor, Any, tf.Tensor]:
+                        order: ORDER, d_type: Optional[tf.DType]) -> Tuple[List[Tuple], tf.Tensor, Any, tf.Tensor]:
         """``(test batches, values (T, k), training inputs (T, k, *x_shape), indices (T, k))``, best first."""
         keys_spec = train_set.element_spec[0]
         all_batches, values, keys, indices = [], [], [], []
         for batches, test_side in self._test_chunks(dataset_to_evaluate):
             count = sum(first_dim(batch) for batch in batches)
-            state = initial_top_k_state(count, k, keys_spec, d_type, order)
+            state = None if d_type is None else initial_top_k_state(count, k, keys_spec, d_type, order)
             for block, batch in self._train_blocks(test_side, train_set, "top-k"):
-                state = merge_top_k(state, tf.cast(block, d_type), batch[0], k, order)
+                if state is None:  # values in the dtype the method computes
+                    state = initial_top_k_state(count, k, keys_spec, block.dtype, order)
+                state = merge_top_k(state, tf.cast(block, state[0].dtype), batch[0], k, order)
+            if state is None:
+                raise ValueError("train_set is empty.")
             if int(state[3]) < k:
                 raise ValueError(f"k={k} is larger than the number of training samples ({int(state[3])}).")
             all_batches.extend(batches)

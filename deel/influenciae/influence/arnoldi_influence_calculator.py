@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from ..common.arnoldi_ihvp import ArnoldiIHVP
 from ..common.base_influence import BaseInfluenceCalculator
+from ..common.compat import renamed_arguments
+from ..common.ihvp_base import LowRankInverse
 from ..common.model_wrappers import InfluenceModel
 
 
@@ -29,7 +31,7 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
     ----------
     model
         The influence model (watched weights, per-sample loss).
-    train_dataset
+    train_set
         Batched, finite dataset over which the mean Hessian is taken (held in memory during the iteration).
     subspace_dim
         m, dimension of the Krylov space (m mean-HVP passes over the dataset), 1 ≤ m ≤ P.
@@ -42,7 +44,7 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
     regularization
         λ_reg ≥ 0 added to every kept eigenvalue.
     seed
-        Seed of the random start vector (``None``: TensorFlow's global random state).
+        Seed of the random start vector (default 0; ``None``: TensorFlow's global random state).
     hvp_batch_size
         Samples per chunk of the Hessian-vector-product passes.
 
@@ -61,28 +63,34 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         ``subspace_dim > P``, ``k_largest_eig_vals > subspace_dim``, or a value < 1.
     """
 
-    def __init__(self, model: InfluenceModel, train_dataset: tf.data.Dataset, subspace_dim: int,
+    @renamed_arguments(train_dataset="train_set")
+    def __init__(self, model: InfluenceModel, train_set: tf.data.Dataset, subspace_dim: int,
                  force_hermitian: bool, k_largest_eig_vals: int, dtype: tf.DType = tf.float32,
-                 regularization: float = 0.0, seed: Optional[int] = None, hvp_batch_size: Optional[int] = None):
+                 regularization: float = 0.0, seed: Optional[int] = 0, hvp_batch_size: Optional[int] = None):
         self.model = model
-        self.train_set = train_dataset
+        self.train_set = train_set
         self.subspace_dim = subspace_dim
         self.force_hermitian = bool(force_hermitian)
         self.k_largest_eig_vals = k_largest_eig_vals
         self.dtype = tf.as_dtype(dtype)
-        self.ihvp_calculator = ArnoldiIHVP(model, train_dataset, subspace_dim, k_largest_eig_vals, force_hermitian,
+        self.ihvp_calculator = ArnoldiIHVP(model, train_set, subspace_dim, k_largest_eig_vals, force_hermitian,
                                            regularization=regularization, seed=seed, hvp_batch_size=hvp_batch_size,
                                            dtype=self.dtype)
 
     @property
+    def low_rank(self) -> LowRankInverse:
+        """The solver's inverse in its compact form ``Gᵀ diag(1/(λ + λ_reg)) G``."""
+        return self.ihvp_calculator.low_rank()
+
+    @property
     def eig_vals(self) -> tf.Tensor:
         """Kept Ritz values λ_j (k,), by decreasing magnitude."""
-        return self.ihvp_calculator.eig_vals
+        return self.low_rank.values
 
     @property
     def G(self) -> tf.Tensor:  # pylint: disable=invalid-name
         """Kept Ritz vectors as rows (k, P)."""
-        return self.ihvp_calculator.G
+        return self.low_rank.basis
 
     def arnoldi(self, dim: int) -> Tuple[np.ndarray, np.ndarray]:
         """Run a fresh Arnoldi iteration (new random start vector) in dimension ``dim`` = P.
@@ -96,11 +104,11 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
 
     def _preprocess_samples(self, samples: Tuple) -> tf.Tensor:
         """``G g(t)`` for every sample: (B, k)."""
-        return self.ihvp_calculator.project(self.model.batch_jacobian_tensor(samples))
+        return self.low_rank.project(self.model.batch_jacobian_tensor(samples))
 
     def _compute_influence_vector(self, train_samples: Tuple) -> tf.Tensor:
         """``diag(1/λ) G g(z)`` for every sample: (B, k)."""
-        return self._preprocess_samples(train_samples) * self.ihvp_calculator.inverse_eig_vals[None, :]
+        return self._preprocess_samples(train_samples) * self.low_rank.inverse_values[None, :]
 
     def _estimate_influence_value_from_influence_vector(self, preproc_test_sample: tf.Tensor,
                                                         influence_vector: tf.Tensor) -> tf.Tensor:
@@ -110,5 +118,5 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
     def _compute_influence_value_from_batch(self, train_samples: Tuple) -> tf.Tensor:
         """Self-influence ``Σ_j (g(z)·G_j)² / λ_j``: (B, 1)."""
         coordinates = self._preprocess_samples(train_samples)
-        return tf.reduce_sum(tf.square(coordinates) * self.ihvp_calculator.inverse_eig_vals[None, :], axis=1,
+        return tf.reduce_sum(tf.square(coordinates) * self.low_rank.inverse_values[None, :], axis=1,
                              keepdims=True)

@@ -4,9 +4,10 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
-from ..common.inverse_hessian_vector_product import build_ihvp
+from ..common.compat import renamed_arguments
+from ..common.solver_registry import build_solver
 from ..common.model_wrappers import InfluenceModel
-from ..utils.tf_operations import assert_batched_dataset, dataset_size
+from ..utils.tf_operations import assert_batched_dataset, dataset_size, random_subset
 
 
 class BaseGroupInfluenceCalculator(ABC):
@@ -20,12 +21,16 @@ class BaseGroupInfluenceCalculator(ABC):
     ----------
     model
         The influence model (watched weights and per-sample loss).
-    dataset
-        Batched training dataset; the mean Hessian is taken over it (or over a random subset of it).
+    train_set
+        Batched training dataset; the mean Hessian is taken over it (or over a random subset of it). (``dataset``,
+        the reference's name, is accepted with a ``DeprecationWarning``.)
     ihvp_calculator
-        ``'exact'``, ``'cgd'``, ``'lissa'``, an :class:`~deel.influenciae.common.IHVPCalculator` member, an
-        :class:`~deel.influenciae.common.InverseHessianVectorProduct` subclass (built with defaults) or a
-        ready instance (then ``n_samples_for_hessian``, ``shuffle_buffer_size`` and ``regularization`` are not
+        A registered solver name (``'exact'``, ``'cgd'``, ``'lissa'``, ``'arnoldi'``, see
+        :func:`~deel.influenciae.common.registered_solvers`), a solver configuration (e.g.
+        ``ConjugateGradientConfig(regularization=1e-3, n_opt_iters=50)``, which keeps its own regularization), an
+        :class:`~deel.influenciae.common.IHVPCalculator` member, an
+        :class:`~deel.influenciae.common.InverseHessianVectorProduct` subclass (built with defaults), a factory, or
+        a ready instance (then ``n_samples_for_hessian``, ``shuffle_buffer_size`` and ``regularization`` are not
         used).
     n_samples_for_hessian
         If given, the Hessian is taken over this many samples drawn at random from ``dataset``.
@@ -37,23 +42,15 @@ class BaseGroupInfluenceCalculator(ABC):
         Seed of the draw of the hessian samples.
     """
 
-    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, ihvp_calculator: Any = "exact",
+    @renamed_arguments(dataset="train_set")
+    def __init__(self, model: InfluenceModel, train_set: tf.data.Dataset, ihvp_calculator: Any = "exact",
                  n_samples_for_hessian: Optional[int] = None, shuffle_buffer_size: int = 10000,
                  regularization: float = 0.0, seed: Optional[int] = 0):
-        assert_batched_dataset(dataset, "dataset")
+        assert_batched_dataset(train_set, "train_set")
         self.model = model
-        if n_samples_for_hessian is None:
-            hessian_set = dataset
-        else:
-            if int(n_samples_for_hessian) < 1:
-                raise ValueError(f"n_samples_for_hessian must be >= 1, got {n_samples_for_hessian}.")
-            batch_size = int(next(iter(dataset.map(lambda *batch: tf.shape(tf.nest.flatten(batch)[0])[0]))))
-            taken = min(int(n_samples_for_hessian), dataset_size(dataset))
-            hessian_set = (dataset.unbatch().shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=False)
-                           .take(taken).batch(batch_size)
-                           .apply(tf.data.experimental.assert_cardinality(-(-taken // batch_size))))
+        hessian_set = random_subset(train_set, n_samples_for_hessian, seed, shuffle_buffer_size)
         self.train_set = hessian_set
-        self.ihvp_calculator = build_ihvp(ihvp_calculator, model, hessian_set, regularization)
+        self.ihvp_calculator = build_solver(ihvp_calculator, model, hessian_set, regularization)
 
     @abstractmethod
     def compute_influence_vector_group(self, group_train: tf.data.Dataset) -> tf.Tensor:

@@ -1,12 +1,11 @@
 """First-order influence functions (Koh & Liang 2017), RelatIF (Barshan et al. 2020), groups (Koh et al. 2019)."""
-import itertools
 from typing import Any, List, Optional, Tuple
 
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
+from ..common.compat import renamed_arguments
 from ..common.model_wrappers import InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset, compute_batches
 from .base_group_influence import BaseGroupInfluenceCalculator
 
 
@@ -30,7 +29,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
     ----------
     model
         The influence model.
-    dataset
+    train_set
         Batched training dataset (the Hessian is the mean over it or over ``n_samples_for_hessian`` of it).
     ihvp_calculator
         Solver: ``'exact'`` (default), ``'cgd'``, ``'lissa'``, an IHVPCalculator member, class or instance.
@@ -40,10 +39,11 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         RelatIF normalisation of the influence vectors.
     """
 
-    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, ihvp_calculator: Any = "exact",
+    @renamed_arguments(dataset="train_set")
+    def __init__(self, model: InfluenceModel, train_set: tf.data.Dataset, ihvp_calculator: Any = "exact",
                  n_samples_for_hessian: Optional[int] = None, shuffle_buffer_size: int = 10000,
                  normalize: bool = False, regularization: float = 0.0, seed: Optional[int] = 0):
-        BaseGroupInfluenceCalculator.__init__(self, model, dataset, ihvp_calculator, n_samples_for_hessian,
+        BaseGroupInfluenceCalculator.__init__(self, model, train_set, ihvp_calculator, n_samples_for_hessian,
                                               shuffle_buffer_size, regularization, seed)
         self.normalize = bool(normalize)
 
@@ -54,7 +54,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
 
     def _gradients_and_vectors(self, train_samples: Tuple) -> Tuple[tf.Tensor, tf.Tensor]:
         gradients = self.model.batch_jacobian_tensor(train_samples)
-        vectors = tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(gradients)))
+        vectors = tf.transpose(self.ihvp_calculator.solve(tf.transpose(gradients)))
         return gradients, self._normalized(vectors, axis=1)
 
     def _compute_influence_vector(self, train_samples: Tuple) -> tf.Tensor:
@@ -75,9 +75,13 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         solver's inverse quadratic form ``g(z)ᵀ (H + λI)⁻¹ g(z)`` (one triangular solve for a Cholesky factor)."""
         if not self.normalize:
             gradients = self.model.batch_jacobian_tensor(train_samples)
-            return self.ihvp_calculator.inverse_quadratic_form(tf.transpose(gradients))[:, None]
+            return self.ihvp_calculator.quadratic_form(tf.transpose(gradients))[:, None]
         gradients, vectors = self._gradients_and_vectors(train_samples)
         return tf.reduce_sum(gradients * vectors, axis=1, keepdims=True)
+
+    def _test_side_bytes_per_sample(self) -> int:
+        """P numbers per test sample: the test side of a whole chunk is solved at once."""
+        return self.model.nb_params * self.model.dtype.size
 
     def _streamed_test_side(self, batches: List[Tuple]) -> tf.Tensor:
         """Without RelatIF, the solver is applied to the test side, ``(H + λI)⁻¹ g(t)``: (T, P), so that streaming
@@ -85,7 +89,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         gradients = tf.concat([self.model.batch_jacobian_tensor(batch) for batch in batches], axis=0)
         if self.normalize:
             return gradients
-        return tf.cast(tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(gradients))), gradients.dtype)
+        return tf.cast(tf.transpose(self.ihvp_calculator.solve(tf.transpose(gradients))), gradients.dtype)
 
     def _streamed_block(self, test_side: tf.Tensor, train_batch: Tuple) -> tf.Tensor:
         """``g(t)ᵀ (H + λI)⁻¹ g(z)`` for the held test side and one training batch: (T, B)."""
@@ -94,48 +98,21 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         gradients = self.model.batch_jacobian_tensor(train_batch)
         return tf.matmul(test_side, tf.cast(gradients, test_side.dtype), transpose_b=True)
 
-    def estimate_influence_values_matrix(self, dataset_to_evaluate: tf.data.Dataset,
-                                         train_set: tf.data.Dataset) -> tf.Tensor:
+    def _pairwise_matrix(self, dataset_to_evaluate: tf.data.Dataset, train_set: tf.data.Dataset) -> tf.Tensor:
         """All pairwise values ``g(t)ᵀ (H + λI)⁻¹ g(z)`` as one matrix (N_test, N_train).
 
-        H is symmetric, so the solver is applied to whichever side has fewer samples (the test side when
-        ``N_test < N_train``, which is what iterative solvers such as CG need to be fast). With RelatIF
-        (``normalize=True``) the training-side vectors are needed for their norms, so the training side is used.
+        The value is symmetric in t and z, so the solver is applied to whichever set has fewer samples (the test
+        side when ``N_test <= N_train``) and the other one is streamed. With RelatIF (``normalize=True``) the
+        training-side vectors are needed for their norms, so the test side is held and the training side solved.
 
         Raises
         ------
         ValueError
-            If a value is not finite.
+            If a value is not finite or a dataset is empty.
         """
         if self.normalize:
-            return super().estimate_influence_values_matrix(dataset_to_evaluate, train_set)
-        assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")  # named in errors about its batches
-        assert_batched_dataset(train_set, "train_set")
-        test_gradients = self.model.batch_jacobian(dataset_to_evaluate)
-        # Read training gradients until there are more of them than test ones: a smaller training set is solved
-        # whole; otherwise the test side is solved and the training batches are streamed (memory O(N_test × P)).
-        train_batches = iter(compute_batches(train_set))
-        buffered, count = [], 0
-        for batch in train_batches:
-            buffered.append(self.model.batch_jacobian_tensor(tuple(batch)))
-            count += int(buffered[-1].shape[0])
-            if count > test_gradients.shape[0]:
-                break
-        if not buffered:
-            raise ValueError("train_set is empty.")
-        if count < test_gradients.shape[0]:
-            train_gradients = tf.concat(buffered, axis=0)
-            solved_train = tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(train_gradients)))
-            values = tf.matmul(test_gradients, tf.cast(solved_train, test_gradients.dtype), transpose_b=True)
-        else:
-            solved_test = tf.cast(self.ihvp_calculator.apply_inverse(tf.transpose(test_gradients)),
-                                  test_gradients.dtype)  # (P, N_test)
-            train_gradients = itertools.chain(buffered, (self.model.batch_jacobian_tensor(tuple(batch))
-                                                         for batch in train_batches))
-            values = tf.concat([tf.matmul(solved_test, gradients, transpose_a=True, transpose_b=True)
-                                for gradients in train_gradients], axis=1)
-        assert_finite(values, "influence values")
-        return values
+            return super()._pairwise_matrix(dataset_to_evaluate, train_set)
+        return self._streamed_symmetric_matrix(dataset_to_evaluate, train_set)
 
     # Groups -------------------------------------------------------------------------------------
     def _group_gradient(self, group: tf.data.Dataset) -> tf.Tensor:
@@ -144,7 +121,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
 
     def compute_influence_vector_group(self, group_train: tf.data.Dataset) -> tf.Tensor:
         """Influence vector of a group, ``H⁻¹ Σ_{z∈U} g(z)`` (normalised with RelatIF): (1, P)."""
-        vector = tf.transpose(self.ihvp_calculator.apply_inverse(self._group_gradient(group_train)[:, None]))
+        vector = tf.transpose(self.ihvp_calculator.solve(self._group_gradient(group_train)[:, None]))
         vector = self._normalized(vector, axis=1)
         assert_finite(vector, "group influence vector")
         return vector

@@ -3,15 +3,17 @@ from typing import Any, Optional, Tuple
 
 import tensorflow as tf
 
+from ..common.compat import renamed_arguments
 from ..common.model_wrappers import InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset, compute_batches, dataset_size
+from ..common.executor import EmptyDatasetError, Executor
+from ..utils.tf_operations import assert_batched_dataset, dataset_size
 from .base_group_influence import BaseGroupInfluenceCalculator
 
 
 class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
     r"""Influence of removing a whole group U of training samples, to second order in the group (Basu et al. 2020).
 
-    Notation: n the number of samples of ``dataset``, ``m = |U|``, ``p = m / n`` (must be < 1), g(z) the gradient of
+    Notation: n the number of samples of ``train_set``, ``m = |U|``, ``p = m / n`` (must be < 1), g(z) the gradient of
     z's per-sample loss w.r.t. the watched weights, ``H`` the mean Hessian of the training loss (``H + λI`` with
     ``regularization = λ``) and ``H_U = Σ_{u∈U} ∇²ℓ_u`` the *summed* loss Hessian over the group (computed with
     Hessian-vector products over U, batch-wise; no regularization: the removed samples do not carry the prior).
@@ -37,7 +39,7 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
     ----------
     model
         The influence model.
-    dataset
+    train_set
         Batched training dataset; n is its number of samples (a short last batch is counted correctly).
     ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, regularization, seed
         See :class:`~deel.influenciae.influence.BaseGroupInfluenceCalculator` (``'exact'``, ``'cgd'``, ``'lissa'``,
@@ -49,24 +51,18 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
         n.
     """
 
-    def __init__(self, model: InfluenceModel, dataset: tf.data.Dataset, ihvp_calculator: Any = "exact",
+    @renamed_arguments(dataset="train_set")
+    def __init__(self, model: InfluenceModel, train_set: tf.data.Dataset, ihvp_calculator: Any = "exact",
                  n_samples_for_hessian: Optional[int] = None, shuffle_buffer_size: int = 10000,
                  regularization: float = 0.0, seed: Optional[int] = 0):
-        super().__init__(model, dataset, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, regularization,
+        super().__init__(model, train_set, ihvp_calculator, n_samples_for_hessian, shuffle_buffer_size, regularization,
                          seed)
-        self.train_size = dataset_size(dataset)
+        self.train_size = dataset_size(train_set)
 
     def _group_gradient(self, group: tf.data.Dataset) -> Tuple[tf.Tensor, int]:
         """``Σ_{z∈U} g(z)`` (P,) and m = |U| (batches may differ in size)."""
         assert_batched_dataset(group, "group")
-        total, size = None, 0
-        for batch in compute_batches(group):
-            batch = tuple(batch)
-            gradient = self.model.batch_gradient_tensor(batch)
-            total = gradient if total is None else total + gradient
-            size += int(tf.shape(tf.nest.flatten(batch)[0])[0])
-        if total is None:
-            raise ValueError("The group is empty.")
+        total, size = _group_sum(self.model.batch_gradient_tensor, group)
         assert_finite(total, "group gradient")
         return total, size
 
@@ -81,17 +77,12 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
     def _compute_additive_term(self, group: tf.data.Dataset) -> tf.Tensor:
         """``A = H⁻¹ Σ_{z∈U} g(z)``: (P, 1)."""
         gradient, _ = self._group_gradient(group)
-        return self.ihvp_calculator.apply_inverse(gradient[:, None])
+        return self.ihvp_calculator.solve(gradient[:, None])
 
     def _compute_pairwise_interactions(self, group: tf.data.Dataset, additive_term: tf.Tensor) -> tf.Tensor:
         """``Π = H⁻¹ (Σ_{u∈U} ∇²ℓ_u) A``: (P, 1), the Hessian of U applied batch-wise (summed HVPs)."""
-        group_hvp = None
-        for batch in compute_batches(group):
-            product = self.model.batch_hvp_tensor(tuple(batch), additive_term)
-            group_hvp = product if group_hvp is None else group_hvp + product
-        if group_hvp is None:
-            raise ValueError("The group is empty.")
-        return self.ihvp_calculator.apply_inverse(group_hvp)
+        group_hvp, _ = _group_sum(lambda batch: self.model.batch_hvp_tensor(batch, additive_term), group)
+        return self.ihvp_calculator.solve(group_hvp)
 
     def compute_influence_vector_group(self, group_train: tf.data.Dataset) -> tf.Tensor:
         """Second-order influence vector of the group, ``I(U)`` ≈ ``θ_{S∖U} − θ*``: (1, P).
@@ -103,7 +94,7 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
         """
         gradient, size = self._group_gradient(group_train)
         fraction = self._group_fraction(size)
-        additive = self.ihvp_calculator.apply_inverse(gradient[:, None])
+        additive = self.ihvp_calculator.solve(gradient[:, None])
         pairwise = self._compute_pairwise_interactions(group_train, additive)
         n = float(self.train_size)
         additive_coefficient = (1.0 - 2.0 * fraction) / ((1.0 - fraction) ** 2 * n)
@@ -130,3 +121,11 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
         evaluate_gradient = self._group_gradient(evaluated)[0][None, :]
         influence_vector = self.compute_influence_vector_group(group_train)
         return tf.matmul(evaluate_gradient, tf.cast(influence_vector, evaluate_gradient.dtype), transpose_b=True)
+
+
+def _group_sum(function: Any, group: tf.data.Dataset) -> Tuple[tf.Tensor, int]:
+    """``(Σ_batches function(batch), |U|)`` over a group; ``ValueError`` when it is empty."""
+    try:
+        return Executor().sum(function, group)
+    except EmptyDatasetError as error:
+        raise EmptyDatasetError("The group is empty.") from error

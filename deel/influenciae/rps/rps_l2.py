@@ -7,7 +7,9 @@ import tensorflow as tf
 
 from ..utils.backtracking_line_search import BacktrackingLineSearch
 from ..utils.conjugate_gradients import conjugate_gradients_solve
-from ..utils.tf_operations import assert_batched_dataset, compute_batches
+from ..common.derivatives import gradient_of, hessian_vector_products
+from ..common.executor import Executor
+from ..utils.tf_operations import assert_batched_dataset
 from .base_representer_point import BaseRepresenterPoint
 
 _PROBABILISTIC_LOSSES = (keras.losses.CategoricalCrossentropy, keras.losses.SparseCategoricalCrossentropy,
@@ -124,15 +126,11 @@ class RepresenterPointL2(BaseRepresenterPoint):
     # Surrogate training -------------------------------------------------------------------------
     def _training_features(self) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Features (n, D) and original logits (n, C) in float64, and the labels, of the whole training set."""
-        features, logits, labels = [], [], []
-        for batch in compute_batches(self.train_set):
+        def of_batch(batch: Tuple) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             z = self._features(batch[0])
-            features.append(tf.cast(z, tf.float64))
-            logits.append(tf.cast(self._original_logits(z), tf.float64))
-            labels.append(batch[1])
-        if not features:
-            raise ValueError("train_set is empty.")
-        return tf.concat(features, 0), tf.concat(logits, 0), tf.concat(labels, 0)
+            return tf.cast(z, tf.float64), tf.cast(self._original_logits(z), tf.float64), batch[1]
+
+        return Executor().concat(of_batch, self.train_set, name="train_set")
 
     def _initial_kernel(self, nb_features: int) -> tf.Tensor:
         kernel = self._last_layer.kernel
@@ -163,22 +161,12 @@ class RepresenterPointL2(BaseRepresenterPoint):
 
     @tf.function(reduce_retracing=True)
     def _objective_gradient(self, flat_kernel: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            tape.watch(flat_kernel)
-            value = self._objective(flat_kernel)
-        return tape.gradient(value, flat_kernel)
+        return gradient_of(self._objective, flat_kernel)
 
     @tf.function(reduce_retracing=True)
     def _objective_hvp(self, flat_kernel: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
         """Hessian of J times (P, K) vectors, by double backward: (P, K)."""
-        with tf.GradientTape() as outer:
-            outer.watch(flat_kernel)
-            with tf.GradientTape() as inner:
-                inner.watch(flat_kernel)
-                value = self._objective(flat_kernel)
-            gradient = inner.gradient(value, flat_kernel)
-            projections = tf.linalg.matvec(vectors, gradient, transpose_a=True)
-        return tf.transpose(outer.jacobian(projections, flat_kernel))
+        return hessian_vector_products(self._objective, flat_kernel, vectors)
 
     def _train_last_layer(self, epochs: int, newton_iterations: int, gradient_tolerance: float) -> None:
         """Line-search gradient descent for ``epochs`` steps, then Newton-CG until ``∇J ≈ 0``."""

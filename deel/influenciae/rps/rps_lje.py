@@ -1,13 +1,14 @@
 """Representer Point Selection via Local Jacobian Expansion (Sui et al., NeurIPS 2021)."""
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from ..common.ihvp_factory import ExactIHVPFactory, InverseHessianVectorProductFactory
+from ..common.compat import renamed_arguments
+from ..common.executor import Executor
 from ..common.model_wrappers import InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset, compute_batches
+from ..common.solver_registry import build_solver
+from ..utils.tf_operations import assert_batched_dataset, first_batch_size, random_subset
 from .base_representer_point import BaseRepresenterPoint
 
 
@@ -36,16 +37,20 @@ class RepresenterPointLJE(BaseRepresenterPoint):
     influence_model
         :class:`InfluenceModel` of the classifier (its Keras model must end with ``Dense(C, use_bias=False)``;
         only its model and loss are used: the watched weights are always the last layer's kernel).
-    dataset
-        Batched training dataset ``(x, y)``.
-    ihvp_calculator_factory
-        Builds the IHVP solver on the perturbed head (default :class:`ExactIHVPFactory`).
+    train_set
+        Batched training dataset ``(x, y)`` (``dataset``, the reference's name, is accepted with a
+        ``DeprecationWarning``).
+    ihvp_calculator
+        The IHVP solver on the perturbed head: a registered name (default ``"exact"``), a solver configuration, or
+        a factory such as :class:`~deel.influenciae.common.ExactIHVPFactory` (``ihvp_calculator_factory``, the
+        reference's name, is accepted with a ``DeprecationWarning``).
     n_samples_for_hessian
-        Use this many training samples (drawn with ``seed``) for the perturbation and the Hessian; all by default.
+        Use this many training samples (drawn with ``seed``, as the influence calculators draw theirs) for the
+        perturbation and the Hessian; all by default.
     target_layer
         Must designate the last layer (-1): the expansion is about the last layer only.
     shuffle_buffer_size
-        Kept for compatibility with the reference (the subset is drawn uniformly with ``seed``).
+        Buffer of the shuffle that draws the Hessian subset.
     epsilon
         Norms ``||z_i||² <= epsilon²`` are treated as zero (alpha = 0).
     perturbation_lr
@@ -54,8 +59,8 @@ class RepresenterPointLJE(BaseRepresenterPoint):
         Seed of the Hessian subset.
     """
 
-    def __init__(self, influence_model: InfluenceModel, dataset: tf.data.Dataset,
-                 ihvp_calculator_factory: Optional[InverseHessianVectorProductFactory] = None,
+    @renamed_arguments(ihvp_calculator_factory="ihvp_calculator", dataset="train_set")
+    def __init__(self, influence_model: InfluenceModel, train_set: tf.data.Dataset, ihvp_calculator: Any = "exact",
                  n_samples_for_hessian: Optional[int] = None, target_layer: Union[int, str] = -1,
                  shuffle_buffer_size: int = 10000, epsilon: float = 1e-5, perturbation_lr: float = 1e-4,
                  seed: Optional[int] = 0):
@@ -65,42 +70,35 @@ class RepresenterPointLJE(BaseRepresenterPoint):
         if target_layer not in (-1, len(model.layers) - 1, model.layers[-1].name):
             raise ValueError(f"RepresenterPointLJE expands the last layer only: target_layer must be -1 (the last "
                              f"layer), got {target_layer!r}.")
-        assert_batched_dataset(dataset, "dataset")
-        super().__init__(model, dataset, influence_model.loss_function, -1)
+        assert_batched_dataset(train_set, "train_set")
+        super().__init__(model, train_set, influence_model.loss_function, -1)
         self.process_batch_for_loss_fn = influence_model.process_batch_for_loss_fn
         self.shuffle_buffer_size = shuffle_buffer_size
         self.epsilon = float(epsilon)
         self.perturbation_lr = float(perturbation_lr)
         features, labels, batch_size = self._feature_dataset_tensors()
         self.n_train = int(features.shape[0])
-        if n_samples_for_hessian is not None and 0 < int(n_samples_for_hessian) < self.n_train:
-            chosen = np.sort(np.random.default_rng(seed).permutation(self.n_train)[:int(n_samples_for_hessian)])
-            features, labels = tf.gather(features, chosen), tf.gather(labels, chosen)
-        self.hessian_dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size)
+        self.hessian_dataset = random_subset(tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size),
+                                             n_samples_for_hessian, seed, shuffle_buffer_size)
         self.perturbed_head = keras.models.clone_model(self.original_head)
         self.perturbed_head.set_weights(self.original_head.get_weights())
         self.head_model = InfluenceModel(self.perturbed_head, start_layer=-1, loss_function=self.loss_function)
         self._perturb_head()
-        factory = ExactIHVPFactory() if ihvp_calculator_factory is None else ihvp_calculator_factory
-        self.ihvp_calculator = factory.build(self.head_model, self.hessian_dataset)
+        self.ihvp_calculator = build_solver("exact" if ihvp_calculator is None else ihvp_calculator,
+                                            self.head_model, self.hessian_dataset)
 
     def _feature_dataset_tensors(self) -> Tuple[tf.Tensor, tf.Tensor, int]:
         """Features and labels of every training sample, and the first batch size."""
-        features, labels, batch_size = [], [], None
-        for batch in compute_batches(self.train_set):
-            inputs, targets, _ = self.process_batch_for_loss_fn(tuple(batch))
-            features.append(self._features(inputs))
-            labels.append(targets)
-            batch_size = batch_size or int(tf.shape(features[-1])[0])
-        if not features:
-            raise ValueError("dataset is empty.")
-        return tf.concat(features, 0), tf.concat(labels, 0), batch_size
+        def of_batch(batch: Tuple) -> Tuple[tf.Tensor, tf.Tensor]:
+            inputs, targets, _ = self.process_batch_for_loss_fn(batch)
+            return self._features(inputs), targets
+
+        features, labels = Executor().concat(of_batch, self.train_set, name="train_set")
+        return features, labels, first_batch_size(self.train_set)
 
     def _perturb_head(self) -> None:
         """``W' = W + η Σ_i g_i(W)`` over the Hessian samples."""
-        total = tf.zeros((self.head_model.nb_params,), self.head_model.dtype)
-        for batch in compute_batches(self.hessian_dataset):
-            total += self.head_model.batch_gradient_tensor(batch)
+        total, _ = Executor().sum(self.head_model.batch_gradient_tensor, self.hessian_dataset)
         assert_finite(total, "gradients of the head")
         kernel = self.perturbed_head.layers[-1].kernel
         kernel.assign(kernel.value + tf.cast(self.perturbation_lr, kernel.dtype) * tf.reshape(total, kernel.shape))
@@ -109,7 +107,7 @@ class RepresenterPointLJE(BaseRepresenterPoint):
         """``alpha_i = (W'ᵀ z_i - (H'⁺ g_i(W'))ᵀ z_i) / (n ||z_i||²)``: (B, C)."""
         features = tf.cast(z_batch, self.head_model.dtype)
         gradients = self.head_model.batch_jacobian_tensor((features, y_batch))  # (B, D·C), row-major (d, c)
-        corrections = tf.transpose(self.ihvp_calculator.apply_inverse(tf.transpose(gradients)))
+        corrections = tf.transpose(self.ihvp_calculator.solve(tf.transpose(gradients)))
         corrections = tf.reshape(tf.cast(corrections, features.dtype), (-1, tf.shape(features)[1], self.n_classes))
         perturbed_kernel = tf.cast(self.perturbed_head.layers[-1].kernel.value, features.dtype)
         numerator = tf.matmul(features, perturbed_kernel) - tf.einsum("bdc,bd->bc", corrections, features)

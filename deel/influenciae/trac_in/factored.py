@@ -1,79 +1,77 @@
-"""TracIn's products from factored per-layer gradients, compiled once per tuple of checkpoints.
+"""TracIn's products from the per-layer factors of every checkpoint.
 
-Each call takes the samples themselves (a test batch and a training batch, or one batch for self-influence), builds
-the factors of every checkpoint inside one compiled function and returns the products (or the per-sample gradients
-formed from the factors, for cached influence vectors), so that a TracIn computation is one dispatch per pair of
-batches. Dense, ``EinsumDense``, ``Conv2D`` and ``Embedding`` weights are factored; biases, normalisation scales and
-offsets get closed-form per-sample gradients; anything else is materialised by vectorized per-sample gradients of
-those weights only. See :mod:`~deel.influenciae.common.dense_factors`.
+Each checkpoint's :attr:`~deel.influenciae.common.model_wrappers.BaseInfluenceModel.layer_factors` computes, in one
+compiled function per product, the factors of a test batch and a training batch (or of one batch) and their
+products, without the (B, P) per-sample gradients for the factored layers (Dense, EinsumDense, Conv2D, Embedding;
+closed forms for biases and normalisation weights; materialised per-sample gradients for the other weights only).
+TracIn weighs the checkpoints' products by their learning rates.
 """
 from typing import Any, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from ..common.dense_factors import (DenseFactors, dense_factors_of, factored_gradients, factored_gram,
-                                    factored_squared_norms, guarded_call)
-
-
-def _never_converted(function: Any) -> Any:
-    """``function`` kept out of AutoGraph even when called from converted code (``tf.data`` maps): a
-    ``tf.function(autograph=False)`` inherits the caller's conversion status otherwise."""
-    return tf.autograph.experimental.do_not_convert(function)
+from ..common.factor_kernels import LayerFactorKernels, WeightedProducts, weighted_products
 
 
 class FactoredTracInKernels:
-    """``Σ_k lr_k g_k(t)·g_k(z)``, ``Σ_k lr_k ||g_k(z)||²`` and ``[√lr_k g_k(z)]_k`` from factored gradients.
+    """``Σ_k lr_k g_k(t)·g_k(z)``, ``Σ_k lr_k ||g_k(z)||²`` and ``[√lr_k g_k(z)]_k`` from per-layer factors.
+
+    Each method returns None when a checkpoint's plan gets no weight from its layers (every per-sample gradient
+    would go through the whole model): TracIn's generic path then computes the test-side gradients once instead of
+    once per training batch.
 
     Parameters
     ----------
     factors
-        The :class:`DenseFactors` of every checkpoint's loss kernels.
+        The :class:`~deel.influenciae.common.factor_kernels.LayerFactorKernels` of every checkpoint.
     """
 
-    def __init__(self, factors: Sequence[DenseFactors]):
-        self.factors = list(factors)
-        self.supported = True
-        self._pairwise = tf.function(_never_converted(self._pairwise_eager), autograph=False,
-                                     reduce_retracing=True)
-        self._squared_norms = tf.function(_never_converted(self._squared_norms_eager), autograph=False,
-                                          reduce_retracing=True)
-        self._gradients = tf.function(_never_converted(self._gradients_eager), autograph=False,
-                                      reduce_retracing=True)
+    def __init__(self, factors: Sequence[LayerFactorKernels]):
+        self.factors: List[LayerFactorKernels] = list(factors)
+        self._products: Optional[WeightedProducts] = None
 
-    def _pairwise_eager(self, test_batch: Tuple, train_batch: Tuple, rates: tf.Tensor) -> tf.Tensor:
-        return factored_gram([factors.factors_in_graph(test_batch) for factors in self.factors],
-                             [factors.factors_in_graph(train_batch) for factors in self.factors], rates)
+    def _compiled(self) -> WeightedProducts:
+        # One compiled function per product over every checkpoint (shared by TracIn objects on the same models).
+        if self._products is None:
+            self._products = weighted_products(self.factors)
+        return self._products
 
-    def _squared_norms_eager(self, batch: Tuple, rates: tf.Tensor) -> tf.Tensor:
-        return factored_squared_norms([factors.factors_in_graph(batch) for factors in self.factors], rates)
+    @property
+    def supported(self) -> bool:
+        """Whether every watched weight of every checkpoint gets its per-sample gradients from its layer (none
+        through the whole model); False until the checkpoints' plans are built (first batch)."""
+        return all(factors.plan is not None and factors.plan.fully_factored for factors in self.factors)
 
-    def _gradients_eager(self, batch: Tuple, scales: tf.Tensor) -> tf.Tensor:
-        return factored_gradients([factors.factors_in_graph(batch) for factors in self.factors], scales)
+    def _usable(self, batch: Tuple) -> bool:
+        return all(factors.plan_for(batch).uses_layers for factors in self.factors)
 
     def pairwise(self, test_batch: Tuple, train_batch: Tuple, rates: tf.Tensor) -> Optional[tf.Tensor]:
-        """(B_t, B) values, or None when the checkpoints' structure is not supported."""
-        return guarded_call(self, self._pairwise, tuple(test_batch), tuple(train_batch), rates)
+        """``Σ_k lr_k g_k(t)·g_k(z)``: (B_t, B), or None (see the class)."""
+        test_batch, train_batch = tuple(test_batch), tuple(train_batch)
+        if not self._usable(test_batch):
+            return None
+        return self._compiled().pairwise(test_batch, train_batch, rates)
 
     def squared_norms(self, batch: Tuple, rates: tf.Tensor) -> Optional[tf.Tensor]:
-        """(B,) self-influence values, or None when the checkpoints' structure is not supported."""
-        return guarded_call(self, self._squared_norms, tuple(batch), rates)
+        """``Σ_k lr_k ||g_k(z)||²``: (B,), or None (see the class)."""
+        batch = tuple(batch)
+        if not self._usable(batch):
+            return None
+        return self._compiled().squared_norms(batch, rates)
 
     def gradients(self, batch: Tuple, scales: tf.Tensor) -> Optional[tf.Tensor]:
-        """``[scales[0] g_1, ..., scales[K-1] g_K]`` in the layout of the per-sample gradients of the checkpoints'
-        InfluenceModels: (B, Σ_k P_k); None when the checkpoints' structure is not supported."""
-        return guarded_call(self, self._gradients, tuple(batch), scales)
+        """``[scales[0] g_1, ..., scales[K-1] g_K]`` in the layout of the checkpoints' per-sample gradients:
+        (B, Σ_k P_k), or None (see the class)."""
+        batch = tuple(batch)
+        if not self._usable(batch):
+            return None
+        return self._compiled().gradients(batch, scales)
 
 
 def factored_tracin_kernels(models: Sequence[Any]) -> Optional[FactoredTracInKernels]:
-    """The kernels of a tuple of checkpoint models, created once and kept with the first checkpoint's loss kernels
-    (so new TracIn objects on the same checkpoints trace nothing); None if a model has no loss kernels."""
-    kernels: List[Any] = [getattr(model, "kernels", None) for model in models]
-    if any(kernel is None for kernel in kernels):
+    """The factored products of a tuple of checkpoint models (their compiled functions belong to each model's
+    ``layer_factors``, so new TracIn objects on the same checkpoints trace nothing); None if a model has none."""
+    factors = [getattr(model, "layer_factors", None) for model in models]
+    if any(not isinstance(factor, LayerFactorKernels) for factor in factors):
         return None
-    cache = kernels[0].compiled_cache.setdefault("factored_tracin", [])
-    for known, compiled in cache:
-        if len(known) == len(kernels) and all(a is b for a, b in zip(known, kernels)):
-            return compiled
-    compiled = FactoredTracInKernels([dense_factors_of(kernel) for kernel in kernels])
-    cache.append((tuple(kernels), compiled))
-    return compiled
+    return FactoredTracInKernels(factors)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
-from ..utils.tf_operations import assert_batched_dataset, compute_batches, default_process_batch
+from ..utils.tf_operations import default_process_batch
 from .factored import factored_tracin_kernels
 
 
@@ -128,8 +128,8 @@ class TracIn(BaseInfluenceCalculator):
         if self._factored is None:
             return None
         columns = []
-        for batch in compute_batches(train_set):
-            blocks = [self._factored.pairwise(test_batch, tuple(batch), self._rates) for test_batch in test_batches]
+        for batch in self._streaming_executor().batches(train_set, "influence matrix"):
+            blocks = [self._factored.pairwise(test_batch, batch, self._rates) for test_batch in test_batches]
             if any(block is None for block in blocks):
                 return None
             columns.append(blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0))
@@ -149,8 +149,7 @@ class TracIn(BaseInfluenceCalculator):
         return tf.add_n([tf.cast(rate, self.dtype) * tf.reduce_sum(tf.square(gradients), axis=1)
                          for rate, gradients in zip(self.learning_rates, self._checkpoint_gradients(samples))])
 
-    def estimate_influence_values_matrix(self, dataset_to_evaluate: tf.data.Dataset,
-                                         train_set: tf.data.Dataset) -> tf.Tensor:
+    def _pairwise_matrix(self, dataset_to_evaluate: tf.data.Dataset, train_set: tf.data.Dataset) -> tf.Tensor:
         """All pairwise values ``Σ_k lr_k g_k(t)·g_k(z)`` as one matrix (N_test, N_train).
 
         The test gradients of every checkpoint are computed once; each training batch then costs its gradients at
@@ -162,16 +161,16 @@ class TracIn(BaseInfluenceCalculator):
         ValueError
             If a dataset is not batched or empty, or a value is not finite.
         """
-        assert_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
-        assert_batched_dataset(train_set, "train_set")
-        test_batches = [tuple(batch) for batch in compute_batches(dataset_to_evaluate)]
+        executor = self._streaming_executor()
+        test_batches = list(executor.batches(dataset_to_evaluate))
         if not test_batches:
             raise ValueError("dataset_to_evaluate is empty.")
         columns = self._factored_columns(test_batches, train_set)
         if columns is None:  # a checkpoint's structure is not supported (rows not one per sample)
             test_gradients = [tf.concat(parts, axis=0)
                               for parts in zip(*[self._checkpoint_gradients(batch) for batch in test_batches])]
-            columns = [self._pairwise_block(test_gradients, tuple(batch)) for batch in compute_batches(train_set)]
+            columns = list(executor.map(lambda batch: self._pairwise_block(test_gradients, batch), train_set,
+                                        "influence matrix"))
         if not columns:
             raise ValueError("train_set is empty.")
         values = tf.concat(columns, axis=1)

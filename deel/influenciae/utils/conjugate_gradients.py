@@ -102,9 +102,9 @@ def _orthonormal_basis(block: tf.Tensor, cutoff: float) -> tf.Tensor:
     (K, K) Gram matrix (formed in the block's precision) shows every column at a distance above
     ``_CHOLESKY_QR_MIN_PIVOT`` from the span of the columns before it (the usual case: a well-conditioned
     block), the basis is ``block R⁻ᵀ``
-    (Cholesky QR, a few ms); otherwise the Gram matrix is formed again in float64 and eigen-decomposed (~50 ms at
-    K = 479; LAPACK through NumPy is faster on its own, but its idle threads then slow the TensorFlow
-    operations of the loop down, measured), and the directions of singular value at most ``cutoff`` are dropped.
+    (Cholesky QR, cheap); otherwise the Gram matrix is formed again in float64 and eigen-decomposed
+    (``tf.linalg.eigh``: LAPACK through NumPy is faster on its own, but its idle threads then slow the TensorFlow
+    operations of the loop down), and the directions of singular value at most ``cutoff`` are dropped.
     """
     # The Cholesky QR test tolerates the rounding of a Gram matrix in the block's precision (pivots >= 1e-2).
     gram = tf.cast(tf.matmul(block, block, transpose_a=True), tf.float64)

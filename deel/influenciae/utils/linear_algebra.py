@@ -16,7 +16,7 @@ def blocked_triangular_solve(lower: tf.Tensor, rhs: tf.Tensor, adjoint: bool = F
     ``L = [[L11, 0], [L21, L22]]``: ``X1 = L11⁻¹ B1`` then ``X2 = L22⁻¹ (B2 - L21 X1)`` (with ``adjoint``, the
     mirror order with ``L21ᵀ``), down to diagonal blocks of at most ``block_size`` rows solved by
     ``tf.linalg.triangular_solve``. Nearly all the ``P² K`` operations become matrix products, which run
-    several times faster on CPU than TensorFlow's triangular solve (P = 2,410, K = 1,437: 47 ms vs 114 ms).
+    several times faster on CPU than TensorFlow's triangular solve (benchmarks/README.md, "Design measurements").
     Works eagerly and inside graphs; a matrix of unknown static size falls back to ``tf.linalg.triangular_solve``.
 
     Parameters
@@ -127,8 +127,8 @@ def damped_cholesky(damped: tf.Tensor, dtype: tf.DType) -> Optional[tf.Tensor]:
     definite.
 
     The factorisation runs in ``dtype`` when that is a lower precision and the matrix is well conditioned enough
-    for it (condition estimate × eps <= ``FACTOR_ACCURACY``), since it costs about half as much as in float64
-    (P = 2,410: 85 ms vs 230 ms); otherwise in float64.
+    for it (condition estimate × eps <= ``FACTOR_ACCURACY``), since it costs about half as much as in float64;
+    otherwise in float64.
     """
     if dtype != tf.float64:
         damped_low = tf.cast(damped, dtype)
@@ -153,7 +153,7 @@ def symmetric_eigh(matrix: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of a symmetric matrix (P, P): ``((P,), (P, P))``, same dtype.
 
     Eagerly this calls LAPACK through NumPy (divide and conquer), several times faster than ``tf.linalg.eigh``
-    on CPU (P = 2,410 in float64: 1.1 s vs 8 s; P = 479: 18 ms vs 52 ms); inside a graph it is ``tf.linalg.eigh``.
+    on CPU; inside a graph it is ``tf.linalg.eigh``.
     Only the lower triangle is read. NumPy's BLAS threads keep spinning for a moment after the call and slow the
     TensorFlow operations that follow: inside a loop of TensorFlow work (block CG's rank-revealing step) it measured
     slower overall than ``tf.linalg.eigh``, so use it for one-off decompositions.

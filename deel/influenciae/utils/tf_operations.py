@@ -2,9 +2,8 @@
 
 Everything here is independent of the rest of the library.
 """
-import collections
 import weakref
-from typing import Any, Callable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import keras
 import numpy as np
@@ -181,186 +180,6 @@ def dataset_size(dataset: tf.data.Dataset) -> int:
 
 # Names given to assert_batched_dataset by the public methods (their argument names), by dataset.
 _DATASET_NAMES: "weakref.WeakKeyDictionary[tf.data.Dataset, str]" = weakref.WeakKeyDictionary()
-# The last batches yielded (and checked) by compute_batches: id of the first tensor -> (weak reference, name, index).
-_CHECKED_BATCHES: "collections.OrderedDict[int, Tuple[Any, str, Optional[int]]]" = collections.OrderedDict()
-_MAX_CHECKED_BATCHES = 64
-_COMPONENT_NAMES = ("inputs", "targets", "sample weights")
-
-
-def _registered_dataset(dataset: tf.data.Dataset) -> Tuple[str, Optional[tf.data.Dataset]]:
-    """The argument name of ``dataset`` or of the dataset it was derived from (``"dataset"`` if none), and that
-    named dataset when it batches differently (a batching transformation lies in between), else None."""
-    current, rebatched = dataset, False
-    for _ in range(1000):
-        if not isinstance(current, tf.data.Dataset):
-            break
-        name = _DATASET_NAMES.get(current)
-        if name is not None:
-            return name, current if rebatched else None
-        rebatched = rebatched or type(current).__name__ in _BATCHING_DATASETS + _UNBATCHING_DATASETS
-        current = getattr(current, "_input_dataset", None)
-    return "dataset", None
-
-
-def _floating_components(batch: Any) -> list:
-    """``(component name, tensor)`` for every floating tensor of a batch (ragged/sparse: their values)."""
-    parts = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-    found = []
-    for position, part in enumerate(parts):
-        label = (_COMPONENT_NAMES[position] if len(parts) in (2, 3) else "component") + f" (element {position})"
-        for tensor in tf.nest.flatten(part):
-            if isinstance(tensor, tf.RaggedTensor):
-                tensor = tensor.flat_values
-            elif isinstance(tensor, tf.SparseTensor):
-                tensor = tensor.values
-            dtype = getattr(tensor, "dtype", None)
-            if dtype is not None and tf.as_dtype(dtype).is_floating:
-                found.append((label, tensor))
-    return found
-
-
-def _first_non_finite(batch: Any) -> Optional[Tuple[str, Optional[int]]]:
-    """``(component name, row in the batch)`` of the first non-finite (NaN or inf) floating value of an eager
-    batch, or None when every value is finite (the common case costs one reduction per floating tensor)."""
-    components = _floating_components(batch)
-    if not components:
-        return None
-    flags = [tf.reduce_all(tf.math.is_finite(tensor)) for _, tensor in components]
-    if bool(flags[0] if len(flags) == 1 else tf.reduce_all(tf.stack(flags))):
-        return None
-    label, tensor = next(item for item, flag in zip(components, flags) if not bool(flag))
-    if not tensor.shape.rank:
-        return label, None
-    per_sample = tf.reduce_all(tf.reshape(tf.math.is_finite(tensor), (tf.shape(tensor)[0], -1)), axis=1)
-    return label, int(tf.argmin(tf.cast(per_sample, tf.int32)))
-
-
-def _non_finite_message(label: str, where: str, sample: str) -> str:
-    return (f"Non-finite values (NaN or inf) in the {label} of {where}{sample}: inside the compiled kernels they can "
-            "vanish (e.g. relu(NaN) gives 0 in fused kernels) and the results would be silently wrong. Remove or "
-            "impute these samples.")
-
-
-def non_finite_batch_message(batch: Any, name: str) -> Optional[str]:
-    """Describe the first non-finite (NaN or inf) floating value of an eager batch called ``name``, or return None
-    if all are finite."""
-    found = _first_non_finite(batch)
-    if found is None:
-        return None
-    label, row = found
-    return _non_finite_message(label, name, "" if row is None else f", sample {row} of the batch")
-
-
-def _batch_of_sample(dataset: tf.data.Dataset, position: int) -> Optional[int]:
-    """Index of the batch of ``dataset`` holding its sample ``position`` (None if past the end)."""
-    end = 0
-    for index, size in enumerate(batch_sizes(dataset)):
-        end += int(size)
-        if position < end:
-            return index
-    return None
-
-
-def batch_origin(batch: Any) -> Optional[Tuple[str, Optional[int]]]:
-    """``(dataset name, batch index or None)`` when ``batch`` was yielded (and so checked) by
-    :func:`compute_batches`, None otherwise."""
-    first = next(iter(tf.nest.flatten(batch)), None)
-    entry = _CHECKED_BATCHES.get(id(first))
-    if entry is None or entry[0]() is not first:
-        return None
-    return entry[1], entry[2]
-
-
-def check_finite_batch(batch: Any, name: str = "the batch") -> Any:
-    """Raise ``ValueError`` if a floating tensor of ``batch`` holds NaN or inf; return ``batch``.
-
-    Batches yielded by :func:`compute_batches` were already checked and pass at no cost. In a graph (e.g. inside
-    ``Dataset.map``) nothing can be raised before running: the tensors get ``tf.debugging.assert_all_finite``
-    instead (an ``InvalidArgumentError`` when the batch is computed).
-    """
-    if not tf.executing_eagerly():
-        message = (f"Non-finite values (NaN or inf) in {name}: the results would be silently wrong; remove or "
-                   "impute these samples.")
-        return tf.nest.map_structure(
-            lambda tensor: tf.debugging.assert_all_finite(tensor, message)
-            if isinstance(tensor, tf.Tensor) and tensor.dtype.is_floating else tensor, batch)
-    if batch_origin(batch) is None:
-        message = non_finite_batch_message(batch, name)
-        if message is not None:
-            raise ValueError(message)
-    return batch
-
-
-class CheckedBatches:
-    """The batches of a dataset, each checked as it is read, with tf.data's autotuning switched off (see
-    :func:`compute_batches`). Iterable as many times as needed; ``options()``, ``cardinality()`` and
-    ``element_spec`` are those of the underlying dataset."""
-
-    def __init__(self, dataset: tf.data.Dataset, name: Optional[str] = None):
-        self.dataset = dataset.with_options(_NO_AUTOTUNE)
-        self.named = None  # the named dataset when `dataset` batches it differently (e.g. ExactIHVP's rebatch)
-        self.name = name
-        if name is None:
-            self.name, self.named = _registered_dataset(dataset)
-        self.element_spec = self.dataset.element_spec
-
-    def options(self) -> tf.data.Options:
-        """Options of the dataset iterated (autotuning off)."""
-        return self.dataset.options()
-
-    def cardinality(self) -> tf.Tensor:
-        """Number of batches of the dataset."""
-        return self.dataset.cardinality()
-
-    def __iter__(self) -> Iterator:
-        name, offset = self.name, 0
-        for index, batch in enumerate(self.dataset):
-            found = _first_non_finite(batch)
-            if found is not None:
-                label, row = found
-                position = None if row is None else offset + row
-                if self.named is not None:  # report the batch as the user batched it
-                    index = None if position is None else _batch_of_sample(self.named, position)
-                where = name if index is None else f"batch {index} of {name}"
-                raise ValueError(_non_finite_message(label, where, "" if position is None else
-                                                     f", sample {position} of {name}"))
-            first = next(iter(tf.nest.flatten(batch)), None)
-            if first is not None:
-                _CHECKED_BATCHES[id(first)] = (weakref.ref(first), name, index if self.named is None else None)
-                while len(_CHECKED_BATCHES) > _MAX_CHECKED_BATCHES:
-                    _CHECKED_BATCHES.popitem(last=False)
-                offset += int(first.shape[0]) if first.shape.rank else 0
-            yield batch
-
-
-def compute_batches(dataset: tf.data.Dataset, name: Optional[str] = None) -> CheckedBatches:
-    """The batches of ``dataset``, checked one by one as they are read, with tf.data's autotuning switched off:
-    for loops that run heavy compiled kernels on each batch.
-
-    Each batch is checked for non-finite floating values (inputs, float targets, sample weights) before it is
-    yielded: inside compiled kernels a NaN can vanish (TensorFlow's fused MatMul+BiasAdd+ReLU gives relu(NaN) = 0)
-    and give finite, wrong results. The check costs one reduction per floating tensor.
-
-    While such a loop iterates, the autotuning thread competes with the kernels for the CPU: on 2 cores it made
-    an exact Hessian (digits MLP, P = 2,410) take 620 ms instead of 370 ms in about half of the runs.
-
-    Parameters
-    ----------
-    dataset
-        A batched dataset.
-    name
-        The name of the dataset in errors; by default the argument name under which a public method checked it
-        (:func:`assert_batched_dataset`), else ``"dataset"``.
-
-    Returns
-    -------
-    CheckedBatches
-        An iterable of the batches (iterating it raises ``ValueError`` at a batch holding NaN or inf, naming the
-        dataset, the batch index and the sample).
-    """
-    return CheckedBatches(dataset, name)
-
-
 def default_process_batch(batch: Tuple) -> Tuple[Any, Any, Optional[tf.Tensor]]:
     """Split a batch ``(x, y)`` or ``(x, y, sample_weight)`` into ``(inputs, targets, sample_weight or None)``."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
@@ -442,3 +261,51 @@ def map_to_device(dataset: tf.data.Dataset, function: Callable, device: Optional
             return function(*element)
 
     return dataset.map(placed)
+
+
+# The checks of batches moved to batch_checks; these names stay importable from here.
+_MOVED_TO_BATCH_CHECKS = ("compute_batches", "CheckedBatches", "check_finite_batch", "non_finite_batch_message",
+                          "batch_origin")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_BATCH_CHECKS:
+        from . import batch_checks  # pylint: disable=import-outside-toplevel,cyclic-import
+        return getattr(batch_checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def batch_count(dataset: tf.data.Dataset) -> Optional[int]:
+    """Number of batches of a dataset, or None when it is unknown or infinite."""
+    try:
+        count = int(tf.data.experimental.cardinality(dataset))
+    except (TypeError, ValueError):
+        return None
+    return count if count >= 0 else None
+
+
+def first_batch_size(dataset: tf.data.Dataset) -> int:
+    """Number of samples in the first batch of a batched dataset (0 when it is empty)."""
+    sizes = dataset.take(1).map(lambda *batch: tf.shape(_first_tensor(batch))[0])
+    return next((int(size) for size in sizes), 0)
+
+
+def random_subset(dataset: tf.data.Dataset, n_samples: Optional[int], seed: Optional[int] = 0,
+                  shuffle_buffer_size: int = 10000) -> tf.data.Dataset:
+    """``n_samples`` samples drawn without replacement from a batched, finite dataset (the whole dataset when
+    ``n_samples`` is None or not smaller), batched like it, with a known cardinality; the same subset on every
+    iteration.
+
+    Raises
+    ------
+    ValueError
+        If ``n_samples < 1``.
+    """
+    if n_samples is None:
+        return dataset
+    if int(n_samples) < 1:
+        raise ValueError(f"n_samples_for_hessian must be >= 1, got {n_samples}.")
+    batch_size = first_batch_size(dataset)
+    taken = min(int(n_samples), dataset_size(dataset))
+    return (dataset.unbatch().shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=False)
+            .take(taken).batch(batch_size).apply(tf.data.experimental.assert_cardinality(-(-taken // batch_size))))

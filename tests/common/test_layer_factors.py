@@ -1,12 +1,10 @@
-"""Factored per-sample gradients of dense layers against per-sample tapes, and their fallbacks."""
+"""Per-layer factors of dense layers against per-sample tapes, and their fallbacks."""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from deel.influenciae.common import InfluenceModel
-from deel.influenciae.common.dense_factors import (OuterFactor, dense_factors_of, factored_gram,
-                                                   factored_squared_norms)
 from deel.influenciae.trac_in import TracIn
 from tests.per_sample import tape_gradients
 
@@ -29,14 +27,15 @@ def test_factored_products_match_per_sample_tapes():
     model = mlp(0, (5, 6, 4, 3))
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(9, 5)).astype(np.float32), rng.integers(0, 3, 9)
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)(
+    factors = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).layer_factors(
         (tf.constant(x), tf.constant(y)))
-    assert factors is not None and len(factors) == 6  # 3 kernels and 3 biases
+    assert len(factors.layers) == 3 and sum(len(layer.weights) for layer in factors.layers) == 6  # 3 kernels, 3 biases
+    assert not factors.materialised
     gradients = per_sample_tapes(model, x, y)
-    scales = tf.constant([0.5])
-    np.testing.assert_allclose(factored_gram([factors], [factors[:]], scales).numpy(), 0.5 * gradients @ gradients.T,
+    scale = 0.5
+    np.testing.assert_allclose(scale * factors.pairwise(factors).numpy(), 0.5 * gradients @ gradients.T,
                                rtol=1e-5, atol=1e-6 * np.abs(gradients @ gradients.T).max())
-    np.testing.assert_allclose(factored_squared_norms([factors], scales).numpy(), 0.5 * (gradients ** 2).sum(1),
+    np.testing.assert_allclose(scale * factors.squared_norms().numpy(), 0.5 * (gradients ** 2).sum(1),
                                rtol=1e-5)
 
 
@@ -67,19 +66,18 @@ def test_sequences_shared_weights_and_convolutions_are_factored(build, shape):
     model = build()
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(4,) + shape).astype(np.float32), rng.integers(0, 3, 4)
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)(
+    factors = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).layer_factors(
         (tf.constant(x), tf.constant(y)))
-    assert factors is not None and any(isinstance(factor, OuterFactor) and factor.positions > 1
-                                       for factor in factors)
+    assert any(factor.kernel is not None and factor.positions > 1 for factor in factors.layers)
     gradients = per_sample_tapes(model, x, y)
-    np.testing.assert_allclose(factored_gram([factors], [factors], tf.constant([1.0])).numpy(),
+    np.testing.assert_allclose(factors.pairwise(factors).numpy(),
                                gradients @ gradients.T, rtol=1e-5, atol=1e-6 * np.abs(gradients @ gradients.T).max())
 
 
 @pytest.mark.parametrize("factored", [True, False])
 def test_tracin_matrix_and_self_influence_match_per_sample_tapes(factored):
-    """TracIn over two checkpoints: the factored path (MLP) and the materialised one (rows that are not one per
-    sample) both give Σ_k lr_k g_k(t)·g_k(z) and Σ_k lr_k ||g_k(z)||² of per-sample tapes."""
+    """TracIn over two checkpoints: the factored path (MLP) and the partly materialised one (rows that are not one
+    per sample) both give Σ_k lr_k g_k(t)·g_k(z) and Σ_k lr_k ||g_k(z)||² of per-sample tapes."""
     rng = np.random.default_rng(5)
     shape = (5,) if factored else (6, 5)
     models = [mlp(seed) if factored else time_major_model() for seed in (6, 7)]
@@ -102,25 +100,24 @@ def test_tracin_matrix_and_self_influence_match_per_sample_tapes(factored):
 
 
 def test_an_error_in_the_data_propagates_and_keeps_the_factored_path():
-    """A label out of range fails the batch (TensorFlow's error reaches the user) without switching the kernels
-    to the materialised path for the batches after it."""
+    """A label out of range fails the batch (TensorFlow's error reaches the user) and changes nothing for the
+    batches after it: the plan is made from the model's structure, never from an error."""
     model = mlp(8)
     rng = np.random.default_rng(9)
     x = tf.constant(rng.normal(size=(6, 5)).astype(np.float32))
-    factors = dense_factors_of(InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).kernels)
+    factors = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).layer_factors
     with pytest.raises(tf.errors.InvalidArgumentError, match="label"):
         factors((x, tf.constant([0, 1, 2, 7, 0, 1])))
-    assert factors.supported
+    assert factors.plan.fully_factored
     good = factors((x, tf.constant([0, 1, 2, 2, 0, 1])))
-    assert good is not None and factors.supported
+    assert good is not None and factors.plan.fully_factored
     gradients = per_sample_tapes(model, x.numpy(), np.array([0, 1, 2, 2, 0, 1]))
-    np.testing.assert_allclose(factored_squared_norms([good], tf.constant([1.0])).numpy(), (gradients ** 2).sum(1),
+    np.testing.assert_allclose(good.squared_norms().numpy(), (gradients ** 2).sum(1),
                                rtol=1e-5)
 
 
 class _TimeMajorRows(keras.layers.Layer):
-    """(B, 6, 5) -> (6·B, 5), time-major: a dense layer after it sees rows that are not grouped by sample, which
-    only the runtime check can tell (the graph has a rank-2 MatMul of reshaped rows)."""
+    """(B, 6, 5) -> (6·B, 5), time-major: a dense layer after it sees rows that are not grouped by sample."""
 
     def call(self, inputs):
         return tf.reshape(tf.transpose(inputs, [1, 0, 2]), [-1, 5])
@@ -138,9 +135,16 @@ def time_major_model():
                              _BackToSamples(name="back_to_samples"), keras.layers.Dense(3)])
 
 
-def test_rows_that_are_not_samples_are_caught_when_running():
+def test_rows_that_are_not_samples_are_caught_by_the_plan():
+    """The dense layer on time-major rows is left out of the plan (its weights get per-sample gradients of the
+    whole model), the one after it is factored; the values match per-sample tapes."""
     rng = np.random.default_rng(11)
-    batch = (tf.constant(rng.normal(size=(4, 6, 5)).astype(np.float32)), tf.constant(rng.integers(0, 3, 4)))
-    factors = dense_factors_of(InfluenceModel(time_major_model(), start_layer=0, last_layer=-1,
-                                              loss_function=LOSS).kernels)
-    assert factors(batch) is None and not factors.supported
+    x, y = rng.normal(size=(4, 6, 5)).astype(np.float32), rng.integers(0, 3, 4)
+    model = time_major_model()
+    factors = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS).layer_factors
+    values = factors((tf.constant(x), tf.constant(y)))
+    assert not factors.plan.fully_factored and [plan.layer for plan in factors.plan.factored] == [model.layers[3]]
+    assert values.layer_factors_of(model.layers[1].kernel) is None
+    assert any("one row per sample" in refusal for refusal in factors.plan.refusals)
+    gradients = per_sample_tapes(model, x, y)
+    np.testing.assert_allclose(values.gradients().numpy(), gradients, rtol=1e-5, atol=1e-6)

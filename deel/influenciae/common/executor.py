@@ -1,0 +1,133 @@
+"""The one place where the library loops over batches of data.
+
+Every pass over a dataset (per-sample gradients, influence vectors, Hessian sums, Hessian-vector products over a
+dataset, streamed pairwise blocks) goes through an :class:`Executor`: it reads the batches (each checked for
+non-finite values as it is read), places the computation on the chosen device, reports progress, and offers the
+two primitives the methods need: **map** (one result per batch, yielded or concatenated) and **sum-reduce** (a sum
+over batches and the number of samples). A ``tf.distribute`` strategy will plug in here.
+"""
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import tensorflow as tf
+
+from ..utils.batch_checks import compute_batches
+from ..utils.progress import progress_bar
+from ..utils.tf_operations import batch_count, get_device
+from .memory import DEFAULT_MEMORY_BUDGET_BYTES
+
+
+class EmptyDatasetError(ValueError):
+    """A pass over a dataset found no batch."""
+
+
+def concat_structures(parts: List[Any]) -> Any:
+    """Concatenate a list of equally structured batches along their first axis."""
+    return tf.nest.map_structure(lambda *tensors: tf.concat(tensors, axis=0), *parts)
+
+
+def first_dim(structure: Any) -> int:
+    """Number of rows (samples) of a batch structure."""
+    return int(tf.shape(tf.nest.flatten(structure)[0])[0])
+
+
+class Executor:
+    """Runs functions over the batches of a dataset.
+
+    Parameters
+    ----------
+    device
+        Device of the computation (default: a GPU when one is visible, else the CPU).
+    verbose
+        Progress bars: None (default) shows them in interactive sessions only (never under CI or pytest).
+    memory_budget_bytes
+        What a pass may hold beyond its inputs; callers read it to decide between holding and streaming.
+    """
+
+    def __init__(self, device: Optional[str] = None, verbose: Optional[bool] = None,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES):
+        self.device = device
+        self.verbose = verbose
+        self.memory_budget_bytes = int(memory_budget_bytes)
+
+    def batches(self, dataset: tf.data.Dataset, description: Optional[str] = None,
+                name: Optional[str] = None) -> Iterator[Tuple]:
+        """The batches of ``dataset`` as tuples, checked as they are read, with a progress bar when
+        ``description`` is given; errors name the dataset ``name`` (default: the argument name under which a
+        public method checked it)."""
+        checked = compute_batches(dataset, name)
+        items = checked if description is None else progress_bar(checked, batch_count(dataset), description,
+                                                                 self.verbose)
+        for batch in items:
+            yield tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+    def map(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset, description: Optional[str] = None,
+            name: Optional[str] = None) -> Iterator[Any]:
+        """``function(batch)`` for every batch, on the executor's device, lazily (one result at a time)."""
+        placement = get_device(self.device)
+        for batch in self.batches(dataset, description, name):
+            with tf.device(placement):
+                result = function(batch)
+            yield result
+
+    def map_with_batches(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset,
+                         description: Optional[str] = None, name: Optional[str] = None) -> Iterator[Tuple[Any, Tuple]]:
+        """``(function(batch), batch)`` for every batch, lazily."""
+        placement = get_device(self.device)
+        for batch in self.batches(dataset, description, name):
+            with tf.device(placement):
+                result = function(batch)
+            yield result, batch
+
+    def concat(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset, description: Optional[str] = None,
+               name: Optional[str] = None) -> Any:
+        """The results of ``function`` over every batch, concatenated along their first axis.
+
+        Raises
+        ------
+        ValueError
+            If the dataset is empty (the message names it ``name``).
+        """
+        results = list(self.map(function, dataset, description, name))
+        if not results:
+            raise EmptyDatasetError(f"{dataset_name(dataset, name)} is empty.")
+        return concat_structures(results)
+
+    def gather(self, dataset: tf.data.Dataset, name: Optional[str] = None) -> Any:
+        """Every batch of ``dataset`` concatenated in memory: the dataset's structure with N rows."""
+        return self.concat(lambda batch: batch, dataset, None, name)
+
+    def sum(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset, description: Optional[str] = None,
+            name: Optional[str] = None, accumulate: Optional[tf.DType] = None) -> Tuple[Any, int]:
+        """``(Σ_batches function(batch), number of samples)``.
+
+        Parameters
+        ----------
+        accumulate
+            dtype of the running sum when there are several batches (e.g. float64 for a Hessian); a single batch's
+            result is returned as computed.
+
+        Raises
+        ------
+        ValueError
+            If the dataset is empty.
+        """
+        total, count = None, 0
+        for result, batch in self.map_with_batches(function, dataset, description, name):
+            if total is None:
+                total = result
+            else:
+                total = tf.nest.map_structure(
+                    lambda left, right: _cast(left, accumulate) + _cast(right, accumulate), total, result)
+            count += first_dim(batch)
+        if total is None:
+            raise EmptyDatasetError(f"{dataset_name(dataset, name)} is empty.")
+        return total, count
+
+
+def dataset_name(dataset: tf.data.Dataset, name: Optional[str] = None) -> str:
+    """``name``, else the argument name under which a public method checked ``dataset`` (or ``"dataset"``)."""
+    return name or compute_batches(dataset).name
+
+
+def _cast(tensor: tf.Tensor, dtype: Optional[tf.DType]) -> tf.Tensor:
+    return tensor if dtype is None else tf.cast(tensor, dtype)

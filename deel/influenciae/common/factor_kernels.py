@@ -1,0 +1,271 @@
+"""Compiled per-layer factors of an influence model's watched weights, and their products.
+
+For a batch, one forward pass runs with the planned layers' ``call`` replaced (see :mod:`.factor_plan`): each
+factored layer's adapter records its input and adds a zero probe to its pre-activation output, each local layer
+adds one to its output. One backward pass of the summed loss gives every probe's gradient, ``∂ℓ_i/∂z_i`` for all
+samples at once. Then
+
+* factored layers give :class:`~.layer_factors.LayerFactors` (:mod:`.layer_adapters`);
+* local layers give the per-sample gradients of their own weights as vector-Jacobian products of the layer alone,
+  vectorized over the batch;
+* the remaining watched weights get per-sample gradients of the whole model, vectorized over the batch, for those
+  weights only.
+
+Everything runs in one compiled function per product (pairwise, squared norms, materialised gradients); the
+functions are attributes of :class:`LayerFactorKernels`, which :attr:`BaseInfluenceModel.layer_factors` owns.
+"""
+import functools
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .autodiff import LossKernels
+from .factor_plan import CallRecord, FactorPlan, LayerPlan, build_plan, replaced_calls
+from .layer_factors import BatchFactors, LayerFactors
+from .pfor_converters import per_sample_converters
+
+LayerTensors = Tuple[Optional[tf.Tensor], Optional[tf.Tensor], Tuple[tf.Tensor, ...]]
+
+
+def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``tf.function`` without AutoGraph, kept out of it even when called from converted code (``tf.data`` maps),
+    whose conversion status a ``tf.function(autograph=False)`` would inherit otherwise."""
+    return tf.function(tf.autograph.experimental.do_not_convert(function), autograph=False, reduce_retracing=True)
+
+
+def _vectorized(function: Callable[[Any], tf.Tensor], elements: Any) -> tf.Tensor:
+    """``tf.vectorized_map`` over the batch; with a while loop for the ops pfor cannot convert (found when
+    tracing), and a warning."""
+    try:
+        with per_sample_converters():
+            return tf.vectorized_map(function, elements, fallback_to_while_loop=False)
+    except (ValueError, NotImplementedError, TypeError) as error:
+        warnings.warn(f"Per-sample gradients could not be fully vectorized ({type(error).__name__}: "
+                      f"{str(error)[:200]}); falling back to a slower while loop for the unsupported ops.",
+                      RuntimeWarning, stacklevel=2)
+        return tf.vectorized_map(function, elements, fallback_to_while_loop=True)
+
+
+def _watched_kernel(plan: LayerPlan) -> Optional[Any]:
+    """The layer's kernel when it is watched, else None."""
+    kernel = plan.adapter.kernel(plan.layer)
+    return kernel if kernel is not None and any(weight is kernel for weight in plan.weights) else None
+
+
+def _layer_tensors(plan: LayerPlan, calls: Sequence[CallRecord], gradients: Sequence[tf.Tensor],
+                   dtype: tf.DType) -> LayerTensors:
+    """(rows, output gradients, closed forms of the watched non-kernel weights) of a factored layer; the calls of
+    a layer called several times are more positions of each sample."""
+    adapter, layer = plan.adapter, plan.layer
+    parts = [adapter.factors(layer, call.inputs, gradient) for call, gradient in zip(calls, gradients)]
+    rows = deltas = None
+    if all(part.inputs is not None for part in parts):
+        rows = tf.concat([part.inputs for part in parts], axis=1) if len(parts) > 1 else parts[0].inputs
+        rows = rows if adapter.vocabulary(layer) is not None else tf.cast(rows, dtype)
+    if all(part.output_gradients is not None for part in parts):
+        deltas = tf.cast(tf.concat([part.output_gradients for part in parts], axis=1), dtype)
+    kernel = _watched_kernel(plan)
+    if kernel is not None and (rows is None or deltas is None):
+        raise ValueError(f"{type(adapter).__name__}.factors gave no rows or output gradients for the kernel of "
+                         f"{layer.name!r}.")
+    every = adapter.weights(layer)
+    closed = []
+    for weight in plan.weights:
+        if weight is not kernel:
+            index = next(number for number, candidate in enumerate(every) if candidate is weight)
+            closed.append(tf.cast(tf.add_n([part.closed_forms[index] for part in parts]), dtype))
+    return rows, deltas, tuple(closed)
+
+
+def _local_gradients(plan: LayerPlan, calls: Sequence[CallRecord], gradients: Sequence[tf.Tensor],
+                     dtype: tf.DType) -> List[tf.Tensor]:
+    """Per-sample gradients (B, size) of a local layer's watched weights: ``J_w(x_i)ᵀ δ_i`` for the layer alone,
+    summed over its calls."""
+    layer, weights = plan.layer, list(plan.weights)
+    values = [tf.convert_to_tensor(weight.value) for weight in weights]
+    total = None
+    for call, output_gradients in zip(calls, gradients):
+        def one_sample(sample: Tuple[tf.Tensor, tf.Tensor], kwargs: dict = call.kwargs) -> tf.Tensor:
+            inputs, output_gradient = sample
+            with tf.GradientTape() as tape:
+                tape.watch(values)
+                with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+                    outputs = layer(inputs[None], **kwargs)
+            parts = tape.gradient(outputs, values, output_gradients=output_gradient[None],
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return tf.concat([tf.reshape(part, [-1]) for part in parts], axis=0)
+
+        gradient = _vectorized(one_sample, (call.inputs, output_gradients))
+        total = gradient if total is None else total + gradient
+    sizes = [int(np.prod([int(size) for size in weight.shape])) for weight in weights]
+    return [tf.cast(part, dtype) for part in tf.split(total, sizes, axis=1)]
+
+
+class LayerFactorKernels:
+    """The per-layer factors of a model's watched weights, per batch, and their products, compiled once.
+
+    The plan (:class:`~.factor_plan.FactorPlan`: which layers are factored) is built from the first batch.
+
+    Parameters
+    ----------
+    kernels
+        The loss kernels of an influence model (model, watched weights, loss).
+
+    Attributes
+    ----------
+    plan : FactorPlan or None
+        The plan, once a batch was seen.
+    weighted_products : dict
+        Compiled products summed over several models' factors (:class:`WeightedProducts`), by the ids of those
+        models' factor kernels; kept on the first one so that new callers on the same models trace nothing.
+    """
+
+    def __init__(self, kernels: LossKernels):
+        self.kernels = kernels
+        self.plan: Optional[FactorPlan] = None
+        self._flat_factors: Callable[[Tuple], Tuple] = _compiled(self._flat_tensors)
+        self._pairwise: Callable[[Tuple, Tuple], tf.Tensor] = _compiled(
+            lambda left, right: self.in_graph(left).pairwise(self.in_graph(right)))
+        self._squared_norms: Callable[[Tuple], tf.Tensor] = _compiled(
+            lambda batch: self.in_graph(batch).squared_norms())
+        self._gradients: Callable[[Tuple], tf.Tensor] = _compiled(lambda batch: self.in_graph(batch).gradients())
+        self.weighted_products: Dict[Tuple[int, ...], "WeightedProducts"] = {}
+
+    def plan_for(self, batch: Tuple) -> FactorPlan:
+        """The plan, built from ``batch``'s structure the first time."""
+        if self.plan is None:
+            self.plan = build_plan(self.kernels, tuple(batch))
+        return self.plan
+
+    def __call__(self, batch: Tuple) -> BatchFactors:
+        """The factors of one batch (compiled)."""
+        batch = tuple(batch)
+        plan = self.plan_for(batch)
+        layers, materialised = self._flat_factors(batch)
+        return self._assemble(plan, layers, materialised)
+
+    def in_graph(self, batch: Tuple) -> BatchFactors:
+        """The factors of one batch, built in the graph being traced (for compiled functions of one's own)."""
+        batch = tuple(batch)
+        plan = self.plan_for(batch)
+        layers, materialised = self._flat_tensors(batch)
+        return self._assemble(plan, layers, materialised)
+
+    def pairwise(self, left: Tuple, right: Tuple) -> tf.Tensor:
+        """``⟨g_i, g_j⟩`` for every sample i of ``left`` and j of ``right``: (B_left, B_right)."""
+        self.plan_for(left)
+        return self._pairwise(tuple(left), tuple(right))
+
+    def squared_norms(self, batch: Tuple) -> tf.Tensor:
+        """``‖g_i‖²``: (B,)."""
+        self.plan_for(batch)
+        return self._squared_norms(tuple(batch))
+
+    def gradients(self, batch: Tuple) -> tf.Tensor:
+        """The per-sample gradients in the layout of ``InfluenceModel.batch_jacobian_tensor``: (B, P)."""
+        self.plan_for(batch)
+        return self._gradients(tuple(batch))
+
+    # Building ----------------------------------------------------------------------------------------------------
+    def _assemble(self, plan: FactorPlan, layers: Sequence[LayerTensors],
+                  materialised: Sequence[tf.Tensor]) -> BatchFactors:
+        factors = []
+        for layer_plan, (rows, deltas, closed) in zip(plan.factored, layers):
+            adapter, layer = layer_plan.adapter, layer_plan.layer
+            kernel = _watched_kernel(layer_plan)
+            others = [weight for weight in layer_plan.weights if weight is not kernel]
+            factors.append(LayerFactors(layer, rows, deltas, kernel=kernel, closed_forms=list(zip(others, closed)),
+                                        vocabulary=adapter.vocabulary(layer),
+                                        kernel_layout=functools.partial(adapter.kernel_layout, layer)))
+        weights = [weight for layer_plan in plan.local for weight in layer_plan.weights]
+        weights += [self.kernels.watched[position] for position in plan.materialised]
+        return BatchFactors(self.kernels.watched, factors, list(zip(weights, materialised)))
+
+    def _flat_tensors(self, batch: Tuple) -> Tuple[Tuple[LayerTensors, ...], Tuple[tf.Tensor, ...]]:
+        """The factors as tensors: per factored layer ``(rows, output gradients, closed forms)``, then the
+        materialised gradients (B, size) of the local layers' weights and of the others."""
+        plan, kernels = self.plan_for(batch), self.kernels
+        layers: List[LayerTensors] = []
+        materialised: List[tf.Tensor] = []
+        if plan.patched:
+            inputs, targets, sample_weight = kernels.process_batch(batch)
+            values = kernels.unflatten(kernels.flat_weights())
+            with tf.GradientTape() as tape:
+                with replaced_calls(plan.patched, tape.watch) as records:
+                    losses = kernels.losses_of(values, inputs, targets, sample_weight)
+                total = tf.reduce_sum(losses)
+            probes = [call.probe for calls in records for call in calls]
+            flat = iter(tape.gradient(total, probes, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            for layer_plan, calls in zip(plan.patched, records):
+                gradients = [next(flat) for _ in calls]
+                if layer_plan.adapter is not None:
+                    layers.append(_layer_tensors(layer_plan, calls, gradients, kernels.dtype))
+                else:
+                    materialised.extend(_local_gradients(layer_plan, calls, gradients, kernels.dtype))
+        if plan.materialised:
+            materialised.extend(self._whole_model_gradients(batch, plan.materialised))
+        return tuple(layers), tuple(materialised)
+
+    def _whole_model_gradients(self, batch: Tuple, positions: Sequence[int]) -> List[tf.Tensor]:
+        """Per-sample gradients (B, size) of the watched weights at ``positions`` through the whole model,
+        vectorized over the batch; the other weights are held at their values."""
+        kernels = self.kernels
+        inputs, targets, sample_weight = kernels.process_batch(batch)
+        values = kernels.unflatten(kernels.flat_weights())
+        sizes = [kernels.sizes[position] for position in positions]
+        theta = tf.concat([tf.reshape(values[position], [-1]) for position in positions], axis=0)
+
+        def one_sample(sample: Tuple) -> tf.Tensor:
+            sample = tf.nest.map_structure(lambda tensor: tf.expand_dims(tensor, 0), sample)
+            inputs_i, targets_i, weight_i = sample if len(sample) == 3 else (*sample, None)
+            with tf.GradientTape() as tape:
+                tape.watch(theta)
+                current = list(values)
+                for position, part in zip(positions, tf.split(theta, sizes)):
+                    current[position] = tf.reshape(part, kernels.shapes[position])
+                loss = tf.reduce_sum(kernels.losses_of(current, inputs_i, targets_i, weight_i))
+            return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        samples = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
+        gradients = _vectorized(one_sample, samples)
+        return [tf.cast(part, kernels.dtype) for part in tf.split(gradients, sizes, axis=1)]
+
+
+class WeightedProducts:
+    """Products summed over several models' per-layer factors with one weight per model (e.g. TracIn's
+    checkpoints and learning rates), each product one compiled function over every model:
+
+    * ``pairwise(left, right, weights)``: ``Σ_k w_k ⟨g_k(i), g_k(j)⟩``, (B_left, B_right);
+    * ``squared_norms(batch, weights)``: ``Σ_k w_k ‖g_k(i)‖²``, (B,);
+    * ``gradients(batch, weights)``: ``[w_1 g_1(i), ..., w_K g_K(i)]``, (B, Σ_k P_k).
+
+    The models' plans must be built (``plan_for``) before a first call. Obtain it with :func:`weighted_products`.
+    """
+
+    def __init__(self, factors: Sequence[LayerFactorKernels]):
+        self.factors = list(factors)
+        dtype = self.factors[0].kernels.dtype
+
+        def summed(products: Callable[[LayerFactorKernels], tf.Tensor], weights: tf.Tensor) -> tf.Tensor:
+            return tf.add_n([tf.cast(weights[index], dtype) * products(factor)
+                             for index, factor in enumerate(self.factors)])
+
+        self.pairwise = _compiled(lambda left, right, weights: summed(
+            lambda factor: factor.in_graph(left).pairwise(factor.in_graph(right)), weights))
+        self.squared_norms = _compiled(lambda batch, weights: summed(
+            lambda factor: factor.in_graph(batch).squared_norms(), weights))
+        self.gradients = _compiled(lambda batch, weights: tf.concat(
+            [tf.cast(weights[index], dtype) * factor.in_graph(batch).gradients()
+             for index, factor in enumerate(self.factors)], axis=1))
+
+
+def weighted_products(factors: Sequence[LayerFactorKernels]) -> WeightedProducts:
+    """The compiled weighted products of these models' factors, built once per tuple of models."""
+    key = tuple(id(factor) for factor in factors)
+    cache = factors[0].weighted_products
+    if key not in cache:
+        cache[key] = WeightedProducts(factors)
+    return cache[key]
