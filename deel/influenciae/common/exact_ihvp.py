@@ -125,8 +125,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         super().__init__(model, train_dataset)
         self.hessian_batch_size = hessian_batch_size
         if train_dataset is None and train_hessian is None and curvature is None:
-            raise ValueError("ExactIHVP needs either train_dataset (to compute the Hessian) or train_hessian (or curvature, "
-                             "a curvature operator).")
+            raise ValueError("ExactIHVP needs either train_dataset (to compute the Hessian) or train_hessian (or "
+                             "curvature, a curvature operator).")
         self.regularization = check_regularization(regularization)
         nb_params = model.nb_params
         if train_hessian is not None or train_dataset is None:
