@@ -1,0 +1,13 @@
+"""Does an attribution mean anything? Yardsticks against retraining.
+
+* :func:`linear_datamodeling_score` (LDS) of (T, N) scores against models retrained on random subsets
+  (:func:`random_subset_masks`, :func:`retrain_outputs`);
+* :func:`leave_one_out_correlation` of scores against models retrained without one sample
+  (:func:`leave_one_out_masks`, :func:`retrain_outputs`).
+"""
+from .lds import LDSResult, check_lds_inputs, linear_datamodeling_score, random_subset_masks
+from .leave_one_out import LeaveOneOutResult, leave_one_out_correlation, leave_one_out_masks
+from .retraining import retrain_outputs
+
+__all__ = ["LDSResult", "check_lds_inputs", "linear_datamodeling_score", "random_subset_masks", "LeaveOneOutResult",
+           "leave_one_out_correlation", "leave_one_out_masks", "retrain_outputs"]

@@ -1,0 +1,158 @@
+"""The linear datamodeling score (LDS; Park et al., "TRAK: Attributing Model Behavior at Scale", 2023).
+
+Models are retrained on M random subsets of the training set. For a test sample t, an attribution method predicts
+the retrained models' output on t by the sum of the scores of the training samples each subset keeps,
+``masks @ scores[t]``; the LDS of t is the Spearman correlation, across the M subsets, between that prediction and
+the output actually measured. The score of a method is the mean over test samples.
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .correlation import rowwise_spearman
+
+
+@dataclasses.dataclass(frozen=True)
+class LDSResult:
+    """Linear datamodeling score of one attribution method.
+
+    Attributes
+    ----------
+    score
+        Mean over the test samples of their Spearman correlations.
+    per_test
+        (T,) Spearman correlation of each test sample.
+    confidence_interval
+        ``(low, high)`` percentile bootstrap interval of ``score`` over test samples, or None when not asked.
+    """
+
+    score: float
+    per_test: np.ndarray
+    confidence_interval: Optional[Tuple[float, float]] = None
+
+
+def _as_finite(name: str, values: object, ndim: int) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}.")
+    if array.dtype == bool:
+        return array
+    array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise ValueError(f"{name} holds a non-finite value at index {tuple(int(i) for i in bad)}.")
+    return array
+
+
+def check_lds_inputs(scores: object, masks: object, outputs: object) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and convert the inputs of :func:`linear_datamodeling_score` (see there for shapes).
+
+    Raises
+    ------
+    ValueError
+        On a wrong number of dimensions, mismatched sizes, a non-finite value, a mask that is not boolean or 0/1,
+        or fewer than 3 subsets.
+    """
+    scores = _as_finite("scores", scores, 2)
+    masks = np.asarray(masks)
+    if masks.ndim != 2:
+        raise ValueError(f"masks must be (M, N), got shape {masks.shape}.")
+    if masks.dtype != bool:
+        if not np.all(np.isin(masks, (0, 1))):
+            raise ValueError("masks must be boolean (or hold only 0 and 1): True where a subset keeps a sample.")
+        masks = masks.astype(bool)
+    outputs = _as_finite("outputs", outputs, 2)
+    if scores.shape[1] != masks.shape[1]:
+        raise ValueError(f"scores (T, N) and masks (M, N) disagree on N: {scores.shape} vs {masks.shape}.")
+    if outputs.shape != (masks.shape[0], scores.shape[0]):
+        raise ValueError(f"outputs must be (M, T) = ({masks.shape[0]}, {scores.shape[0]}) for masks {masks.shape} "
+                         f"and scores {scores.shape}, got {outputs.shape}.")
+    if masks.shape[0] < 3:
+        raise ValueError(f"at least 3 subsets are needed for a rank correlation, got {masks.shape[0]}.")
+    return scores, masks, outputs
+
+
+def linear_datamodeling_score(scores: object, masks: object, outputs: object, bootstrap: int = 0,
+                              confidence: float = 0.95, seed: int = 0) -> LDSResult:
+    """Linear datamodeling score of attribution scores against retrained models.
+
+    Parameters
+    ----------
+    scores
+        (T, N) scores of the N training samples for T test samples, in this library's sign convention: positive for
+        a proponent (a training sample whose presence lowers the test loss).
+    masks
+        (M, N) boolean: row m is True where subset m keeps the training sample (:func:`random_subset_masks`).
+    outputs
+        (M, T) output of the model retrained on subset m, measured on test sample t, oriented so that larger means
+        better (minus the test loss, or the margin), averaged over retraining seeds when there are several.
+    bootstrap
+        Number of bootstrap resamplings of the test samples for a confidence interval (0: none).
+    confidence
+        Coverage of the interval, in (0, 1).
+    seed
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    LDSResult
+        The mean score, the (T,) per-test correlations and, with ``bootstrap``, the interval.
+
+    Raises
+    ------
+    ValueError
+        On mismatched shapes or non-finite values (see :func:`check_lds_inputs`), or when a test sample's outputs or
+        predictions are the same for every subset (its rank correlation is undefined), naming the test sample.
+    """
+    scores, masks, outputs = check_lds_inputs(scores, masks, outputs)
+    predicted = scores @ masks.T.astype(np.float64)  # (T, M)
+    for name, table in (("outputs", outputs.T), ("predictions (masks @ scores.T)", predicted)):
+        constant = np.flatnonzero(np.all(table == table[:, :1], axis=1))
+        if constant.size:
+            raise ValueError(f"{name} are constant across the subsets for test sample {int(constant[0])}: its rank "
+                             "correlation is undefined (check the measurement, or that its scores are not all 0).")
+    per_test = rowwise_spearman(predicted, outputs.T)
+    interval = None
+    if bootstrap:
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(0, per_test.shape[0], size=(int(bootstrap), per_test.shape[0]))
+        means = per_test[draws].mean(axis=1)
+        tail = (1.0 - confidence) / 2.0
+        interval = (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))
+    return LDSResult(float(per_test.mean()), per_test, interval)
+
+
+def random_subset_masks(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """M random subsets of N training samples, each keeping ``round(fraction * N)`` samples drawn without
+    replacement.
+
+    Parameters
+    ----------
+    n
+        Number of training samples N.
+    m
+        Number of subsets M.
+    fraction
+        Share of the samples each subset keeps, in (0, 1).
+    seed
+        Seed of the draw.
+
+    Returns
+    -------
+    np.ndarray
+        (M, N) boolean masks.
+    """
+    n, m = int(n), int(m)
+    if n < 2 or m < 1:
+        raise ValueError(f"n must be >= 2 and m >= 1, got n={n}, m={m}.")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}.")
+    kept = min(max(int(round(fraction * n)), 1), n - 1)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(rng.random((m, n)), axis=1)[:, :kept]
+    masks = np.zeros((m, n), dtype=bool)
+    np.put_along_axis(masks, order, True, axis=1)
+    return masks
