@@ -23,6 +23,7 @@ import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 from deel.influenciae.benchmark.digits import (DIGITS_CLASSES, build_mlp, load_digits_arrays,  # noqa: E402
                                                one_hot, train_classifier)
 from deel.influenciae.common import ExactConfig, InfluenceModel  # noqa: E402
+from deel.influenciae.evaluation import detection_area, detection_curve  # noqa: E402
 from deel.influenciae.rps import RepresenterPointL2, RepresenterPointLJE  # noqa: E402
 from deel.influenciae.trac_in import ModelsSaver, TracIn  # noqa: E402
 
@@ -42,10 +43,9 @@ def noisy_digits(seed: int, ratio: float):
 
 def detection(scores: np.ndarray, flipped: np.ndarray):
     """Share of flipped samples in the top 10 % / 20 % by descending score, and the mean detection curve."""
-    order = np.argsort(-scores, kind="stable")
-    found = np.cumsum(flipped[order]) / flipped.sum()
+    curve = detection_curve(scores, flipped)
     n = len(scores)
-    return found[int(0.1 * n) - 1], found[int(0.2 * n) - 1], found.mean()
+    return curve[int(0.1 * n) - 1], curve[int(0.2 * n) - 1], detection_area(curve)
 
 
 def run(seed: int, epochs: int, ratio: float, lambda_l2: float):

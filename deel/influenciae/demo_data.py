@@ -6,6 +6,7 @@ from typing import Dict
 import numpy as np
 
 from .benchmark.digits import DIGITS_CLASSES, load_digits_split
+from .evaluation.mislabel_detection import detection_roc_auc, share_found
 
 NUM_CLASSES = DIGITS_CLASSES
 HIDDEN_UNITS = 32
@@ -82,22 +83,6 @@ def load_noisy_digits(seed: int, noise: float, test_fraction: float = TEST_FRACT
     return NoisyDigits(split.x_train, y_train_true, y_train_given, flipped, split.x_test, split.y_test)
 
 
-def share_found(scores: np.ndarray, is_flipped: np.ndarray, share: float) -> float:
-    """Share of the flipped samples among the ``round(share * N)`` highest scores (ties: earlier first)."""
-    ranking = np.argsort(-scores, kind="stable")
-    top = ranking[:int(round(share * len(scores)))]
-    return float(is_flipped[top].sum() / max(int(is_flipped.sum()), 1))
-
-
-def roc_auc(scores: np.ndarray, is_flipped: np.ndarray) -> float:
-    """Probability that a flipped sample scores higher than a clean one (Mann-Whitney; ties count half)."""
-    flipped_scores = scores[is_flipped]
-    clean_scores = np.sort(scores[~is_flipped])
-    below = np.searchsorted(clean_scores, flipped_scores, side="left")
-    below_or_equal = np.searchsorted(clean_scores, flipped_scores, side="right")
-    return float((below + below_or_equal).sum() / (2.0 * len(flipped_scores) * len(clean_scores)))
-
-
 def share_key(share: float) -> str:
     """The report's key of a share: ``top_10pct`` for 0.10."""
     return f"top_{int(round(100 * share))}pct"
@@ -106,5 +91,5 @@ def share_key(share: float) -> str:
 def detection_figures(scores: np.ndarray, is_flipped: np.ndarray) -> Dict[str, float]:
     """Share of flipped labels found in the top 10 % and 20 % of a ranking, and the ROC-AUC."""
     figures = {share_key(share): share_found(scores, is_flipped, share) for share in SHARES}
-    figures["roc_auc"] = roc_auc(scores, is_flipped)
+    figures["roc_auc"] = detection_roc_auc(scores, is_flipped)
     return figures

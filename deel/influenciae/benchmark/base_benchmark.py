@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..evaluation.mislabel_detection import detection_area, detection_curve
 from .noise import draw_noisy_labels, labels_as_numpy
 
 BenchEntry = Tuple[np.ndarray, np.ndarray, float]
@@ -184,18 +185,12 @@ class MislabelingDetectorEvaluator:
         np.ndarray
             (N,) non-decreasing curve ending at 1 (the raw counts when there is no mislabeled sample).
         """
-        values = np.asarray(influence_values, dtype=np.float64).reshape(-1)
-        is_noisy = np.zeros(values.shape[0], dtype=np.float64)
-        is_noisy[np.asarray(noise_indexes, dtype=np.int64).reshape(-1)] = 1.0
-        ranking = np.argsort(-values, kind="stable")
-        found = np.cumsum(is_noisy[ranking])
-        total = is_noisy.sum()
-        return found / total if total > 0 else found
+        return detection_curve(influence_values, noise_indexes)
 
     @staticmethod
     def _compute_roc(curve: Any) -> float:
         """Area under the detection curve: its mean (about 0.5 for a random ranking)."""
-        return float(np.mean(np.asarray(curve, dtype=np.float64)))
+        return detection_area(curve)
 
     @staticmethod
     def set_seed(seed: int) -> None:
