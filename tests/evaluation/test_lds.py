@@ -100,3 +100,20 @@ def test_leave_one_out_masks_and_correlation():
         leave_one_out_masks(5, [5])
     with pytest.raises(ValueError, match=r"\(T, K\)"):
         leave_one_out_correlation(scores, actual[:, :-1])
+
+
+def test_average_ranks_match_scipy_rankdata():
+    from deel.influenciae.evaluation.correlation import average_ranks  # pylint: disable=import-outside-toplevel
+    values = np.random.default_rng(10).integers(0, 6, size=(9, 30)).astype(float)  # ties in every row
+    np.testing.assert_array_equal(average_ranks(values), stats.rankdata(values, axis=1))
+
+
+def test_more_bad_inputs_are_named():
+    rng = np.random.default_rng(11)
+    scores, masks = rng.normal(size=(3, 10)), random_subset_masks(10, 8, seed=12)
+    with pytest.raises(ValueError, match="confidence"):
+        linear_datamodeling_score(scores, masks, rng.normal(size=(8, 3)), bootstrap=10, confidence=1.5)
+    with pytest.raises(ValueError, match="actual_changes holds a non-finite value at index \\(1, 2\\)"):
+        changes = np.zeros((3, 4))
+        changes[1, 2] = np.nan
+        leave_one_out_correlation(rng.normal(size=(3, 4)), changes)

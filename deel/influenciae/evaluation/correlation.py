@@ -16,17 +16,30 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
         (R, M) float64 ranks in [1, M].
     """
     values = np.asarray(values, dtype=np.float64)
-    rows, length = values.shape
+    length = values.shape[1]
     order = np.argsort(values, axis=1, kind="stable")
     sorted_values = np.take_along_axis(values, order, axis=1)
-    ranks = np.empty((rows, length), dtype=np.float64)
-    positions = np.arange(1, length + 1, dtype=np.float64)
-    for row in range(rows):  # one pass per row over its tie groups; rows are test samples, not data samples
-        starts = np.flatnonzero(np.r_[True, sorted_values[row, 1:] != sorted_values[row, :-1]])
-        ends = np.r_[starts[1:], length]
-        mean_rank = (positions[starts] + positions[ends - 1]) / 2.0
-        ranks[row, order[row]] = np.repeat(mean_rank, ends - starts)
+    changes = sorted_values[:, 1:] != sorted_values[:, :-1]
+    edge = np.ones((values.shape[0], 1), dtype=bool)
+    positions = np.broadcast_to(np.arange(1, length + 1, dtype=np.float64), values.shape)
+    # first and last sorted position of each entry's tie group, carried along the row
+    first = np.maximum.accumulate(np.where(np.hstack([edge, changes]), positions, 0.0), axis=1)
+    last = np.minimum.accumulate(np.where(np.hstack([changes, edge]), positions, np.inf)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty_like(values)
+    np.put_along_axis(ranks, order, (first + last) / 2.0, axis=1)
     return ranks
+
+
+def finite_array(name: str, values: object, ndim: int) -> np.ndarray:
+    """``values`` as a float64 array of ``ndim`` dimensions, or a ``ValueError`` naming ``name`` and the index of
+    the first non-finite value."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}.")
+    if not np.all(np.isfinite(array)):
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise ValueError(f"{name} holds a non-finite value at index {tuple(int(i) for i in bad)}.")
+    return array
 
 
 def rowwise_pearson(first: np.ndarray, second: np.ndarray) -> np.ndarray:

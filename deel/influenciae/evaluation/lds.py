@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .correlation import rowwise_spearman
+from .correlation import finite_array, rowwise_spearman
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,19 +32,6 @@ class LDSResult:
     confidence_interval: Optional[Tuple[float, float]] = None
 
 
-def _as_finite(name: str, values: object, ndim: int) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}.")
-    if array.dtype == bool:
-        return array
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        bad = np.argwhere(~np.isfinite(array))[0]
-        raise ValueError(f"{name} holds a non-finite value at index {tuple(int(i) for i in bad)}.")
-    return array
-
-
 def check_lds_inputs(scores: object, masks: object, outputs: object) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate and convert the inputs of :func:`linear_datamodeling_score` (see there for shapes).
 
@@ -54,7 +41,7 @@ def check_lds_inputs(scores: object, masks: object, outputs: object) -> Tuple[np
         On a wrong number of dimensions, mismatched sizes, a non-finite value, a mask that is not boolean or 0/1,
         or fewer than 3 subsets.
     """
-    scores = _as_finite("scores", scores, 2)
+    scores = finite_array("scores", scores, 2)
     masks = np.asarray(masks)
     if masks.ndim != 2:
         raise ValueError(f"masks must be (M, N), got shape {masks.shape}.")
@@ -62,7 +49,7 @@ def check_lds_inputs(scores: object, masks: object, outputs: object) -> Tuple[np
         if not np.all(np.isin(masks, (0, 1))):
             raise ValueError("masks must be boolean (or hold only 0 and 1): True where a subset keeps a sample.")
         masks = masks.astype(bool)
-    outputs = _as_finite("outputs", outputs, 2)
+    outputs = finite_array("outputs", outputs, 2)
     if scores.shape[1] != masks.shape[1]:
         raise ValueError(f"scores (T, N) and masks (M, N) disagree on N: {scores.shape} vs {masks.shape}.")
     if outputs.shape != (masks.shape[0], scores.shape[0]):

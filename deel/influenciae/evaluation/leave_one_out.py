@@ -3,7 +3,7 @@ import dataclasses
 
 import numpy as np
 
-from .correlation import rowwise_pearson, rowwise_spearman
+from .correlation import finite_array, rowwise_pearson, rowwise_spearman
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +58,10 @@ def leave_one_out_correlation(scores: object, actual_changes: object) -> LeaveOn
     ValueError
         On mismatched shapes, non-finite values, or fewer than 3 pairs.
     """
-    predicted = -np.asarray(scores, dtype=np.float64)
-    actual = np.asarray(actual_changes, dtype=np.float64)
-    if predicted.ndim != 2 or predicted.shape != actual.shape:
+    predicted = -finite_array("scores", scores, 2)
+    actual = finite_array("actual_changes", actual_changes, 2)
+    if predicted.shape != actual.shape:
         raise ValueError(f"scores and actual_changes must both be (T, K), got {predicted.shape} and {actual.shape}.")
-    if not (np.all(np.isfinite(predicted)) and np.all(np.isfinite(actual))):
-        raise ValueError("scores and actual_changes must be finite.")
     if predicted.size < 3:
         raise ValueError(f"at least 3 (test, removed) pairs are needed, got {predicted.size}.")
     pooled_predicted, pooled_actual = predicted.reshape(1, -1), actual.reshape(1, -1)
