@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench clean
+.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench-fidelity bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ bench-scaling: $(VENV)/.installed-tests
 
 bench-real-models: $(VENV)/.installed-tests
 	$(PY) benchmarks/bench_real_models.py
+
+# LDS of every method against retraining, with kronfluence and Captum in their own venv (created or completed on
+# first use; without it the peers are skipped): benchmarks/results/fidelity.{md,json,png}; retrainings cached.
+bench-fidelity: $(VENV)/.installed-tests
+	$(PY) benchmarks/bench_peers.py --setup || echo "peer venv unavailable: the fidelity benchmark runs without peers"
+	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_fidelity.py
 
 bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py

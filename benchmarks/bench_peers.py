@@ -49,6 +49,10 @@ PEER_PYTHON = PEER_VENV / "bin" / "python"
 TORCH_PIN = "torch==2.13.0"
 # pyDVL's ``[influence]`` extra minus torch; numpy<2 because pydvl 0.10 pins it (zarr 3 would pull numpy 2).
 PEER_PACKAGES = ("pydvl", "captum", "numpy<2", "scikit-learn", "dask", "distributed", "zarr>=3,<4")
+# kronfluence (``peers/run_fidelity.py``): its dependencies without torchvision (unused, and it would pull a torch
+# of its own), installed with the torch pin; then kronfluence itself with ``--no-deps``.
+KRONFLUENCE_PIN = "kronfluence==1.0.1"
+KRONFLUENCE_DEPS = ("accelerate", "einops", "einconv", "opt-einsum", "safetensors", "tqdm")
 PEERS = {"exact": ("pydvl", "captum"), "cg": ("pydvl",), "arnoldi": ("pydvl",), "tracin": ("captum",)}
 PHASES = ("fit", "pair", "self")
 # pyDVL 0.10 documents ``influences(..., mode=Up)`` as <H^-1 ∇ℓ(test), ∇ℓ(train)>, no minus sign: the same
@@ -58,18 +62,20 @@ PEER_SIGN = {"pydvl": 1.0, "captum": 1.0}
 
 # -------- Peer environment ---------------------------------------------------------------
 def peers_ready() -> bool:
-    """Whether the peer venv imports pyDVL's torch influence models and Captum with torch 2.13.0."""
+    """Whether the peer venv imports pyDVL's torch influence models, Captum and kronfluence 1.0.1 with torch 2.13.0."""
     if not PEER_PYTHON.exists():
         return False
     probe = ("import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__; "
              "from pydvl.influence.torch import DirectInfluence, CgInfluence, ArnoldiInfluence; "
-             "from captum.influence import TracInCP")
+             "from captum.influence import TracInCP; "
+             "import importlib.metadata as m; assert m.version('kronfluence') == '1.0.1'; "
+             "from kronfluence.analyzer import Analyzer")
     completed = subprocess.run([str(PEER_PYTHON), "-c", probe], env=peer_env(), capture_output=True, check=False)
     return completed.returncode == 0
 
 
 def setup_peers(force: bool = False) -> None:
-    """Create ``benchmarks/.venv-peers``: pinned CPU torch first, then pyDVL and Captum (needs PyPI)."""
+    """Create ``benchmarks/.venv-peers``: pinned CPU torch first, then pyDVL, Captum and kronfluence (needs PyPI)."""
     if force and PEER_VENV.exists():
         subprocess.run(["rm", "-rf", str(PEER_VENV)], check=True)
     if peers_ready():
@@ -79,7 +85,9 @@ def setup_peers(force: bool = False) -> None:
     steps = [[getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(PEER_VENV)],
              # torch first and pinned, so that nothing later can swap it for another (CUDA) build.
              [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN],
-             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, *PEER_PACKAGES]]
+             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, *PEER_PACKAGES],
+             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, *KRONFLUENCE_DEPS],
+             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", KRONFLUENCE_PIN]]
     for step in steps:
         print("  $", " ".join(step))
         subprocess.run(step, check=True)
@@ -89,7 +97,7 @@ def setup_peers(force: bool = False) -> None:
     if not version.startswith("2.13.0"):
         raise RuntimeError(f"torch in {PEER_VENV} is {version!r}, expected 2.13.0 (CPU)")
     if not peers_ready():
-        raise RuntimeError(f"the peer environment in {PEER_VENV} does not import pyDVL and Captum")
+        raise RuntimeError(f"the peer environment in {PEER_VENV} does not import pyDVL, Captum and kronfluence")
     print(f"peer environment ready (torch {version})")
 
 

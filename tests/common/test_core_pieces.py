@@ -18,8 +18,8 @@ from deel.influenciae.common.ihvp_factory import CGDIHVPFactory, LissaIHVPFactor
 from deel.influenciae.influence import FirstOrderInfluenceCalculator
 from deel.influenciae.utils import ORDER
 
-from ..toy_models import (toy_data, toy_dataset, toy_gradients_last_layer, toy_mean_hessian_last_layer, toy_model,
-                          toy_mse)
+from ..toy_models import (toy_data, toy_dataset, toy_gradients_last_layer, toy_mean_hessian_all_layers,
+                          toy_mean_hessian_last_layer, toy_model, toy_mse)
 
 LAMBDA = 0.05
 
@@ -257,3 +257,110 @@ def test_eager_api_equals_the_closed_form(toy):
         calculator.influence_top_k(toy["test"], toy["train"], k=26)
     with pytest.raises(TypeError, match="ORDER"):
         calculator.influence_top_k(toy["test"], toy["train"], k=2, order="descending")
+
+
+# Re-damping ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", ["exact", "cgd", "lissa", "arnoldi"])
+def test_with_regularization_solves_the_new_damping_without_a_new_fit(toy, solver, monkeypatch):
+    settings = {"exact": {}, "cgd": {"tol": 1e-12, "atol": 1e-14}, "lissa": {"scale": 5.0, "n_opt_iters": 3000},
+                "arnoldi": {"subspace_dim": 2, "seed": 0}}[solver]
+    solver_class = solver_registry.solver_entry(solver).solver_class
+    original = solver_class(toy["model"], train_dataset=toy["train"], regularization=LAMBDA, **settings)
+    vectors = np.array([[1.0, -2.0, 0.3], [0.5, 3.0, -1.0]])
+    before = original.solve(tf.constant(vectors)).numpy()
+    # Exact and Arnoldi must not pass over the data again: every curvature product / dense sum now fails.
+    if solver in ("exact", "arnoldi"):
+        def forbidden(*_args, **_kwargs):
+            raise AssertionError("the re-damped solver went back to the curvature")
+        monkeypatch.setattr(HessianOperator, "dense_sum", forbidden)
+        monkeypatch.setattr(HessianOperator, "matvec", forbidden)
+    new_damping = 0.4
+    twin = original.with_regularization(new_damping)
+    assert type(twin) is type(original) and twin.regularization == new_damping and twin.is_fitted
+    expected = np.linalg.solve(toy["hessian"] + new_damping * np.eye(2), vectors)
+    rtol = {"lissa": 1e-6}.get(solver, 1e-9)
+    if solver == "lissa":  # LiSSA solves H + λI + d·s·I (damping d, scale s)
+        expected = np.linalg.solve(toy["hessian"] + (new_damping + twin.damping * twin.scale) * np.eye(2), vectors)
+    np.testing.assert_allclose(twin.solve(tf.constant(vectors)).numpy(), expected, rtol=rtol, atol=1e-10)
+    # The original still solves its own damping.
+    assert original.regularization == LAMBDA
+    np.testing.assert_allclose(original.solve(tf.constant(vectors)).numpy(), before, rtol=1e-12)
+    with pytest.raises(ValueError, match="regularization"):
+        original.with_regularization(-1.0)
+
+
+def test_with_regularization_of_an_unfitted_solver_fits_on_first_use(toy):
+    solver = ExactIHVP(toy["model"], toy["train"], regularization=LAMBDA, fit_now=False)
+    twin = solver.with_regularization(0.2)
+    assert not twin.is_fitted
+    vectors = np.array([[1.0], [2.0]])
+    np.testing.assert_allclose(twin.solve(tf.constant(vectors)).numpy(),
+                               np.linalg.solve(toy["hessian"] + 0.2 * np.eye(2), vectors), rtol=1e-9)
+    assert not solver.is_fitted
+
+
+def test_dense_hessian_from_products_equals_the_batchwise_jacobian_and_closed_form(monkeypatch):
+    """Large models form the dense Hessian from Hessian-vector products on blocks of unit vectors; forced here on
+    the toy model (every layer: P = 8) with blocks of 3 columns (the last block is partial)."""
+    from deel.influenciae.common import curvature  # pylint: disable=import-outside-toplevel
+    model = toy_model("float64")
+    x, y = toy_data(dtype=np.float64)
+    influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=toy_mse("float64"))
+    expected = toy_mean_hessian_all_layers(model, x, y)
+    batchwise, count = HessianOperator(influence_model, toy_dataset(x, y, 4)).dense_sum()
+    monkeypatch.setattr(curvature, "DENSE_BY_PRODUCTS_MIN_PARAMS", 1)
+    monkeypatch.setattr(curvature, "DENSE_COLUMN_BLOCK", 3)
+    by_products, count_products = HessianOperator(influence_model, toy_dataset(x, y, 4)).dense_sum()
+    assert count == count_products == len(x)
+    np.testing.assert_allclose(by_products.numpy(), batchwise.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(by_products.numpy() / count, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("use_scipy", [True, False])
+def test_exact_solver_on_an_indefinite_damped_hessian_uses_lu_and_the_true_inverse(monkeypatch, use_scipy):
+    from deel.influenciae.utils.linear_algebra import LUFactor  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(LUFactor, "use_scipy", use_scipy)
+    model = toy_model("float64")
+    x, y = toy_data(dtype=np.float64)
+    influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=toy_mse("float64"))
+    hessian = toy_mean_hessian_all_layers(model, x, y)
+    eigenvalues = np.linalg.eigvalsh(hessian)
+    assert eigenvalues[0] < -1e-3  # the toy's full Hessian is indefinite
+    damping = 0.5 * abs(eigenvalues[0])  # H + λI stays indefinite and nonsingular
+    assert np.min(np.abs(eigenvalues + damping)) > 1e-4
+    solver = ExactIHVP(influence_model, toy_dataset(x, y, 4), regularization=10.0)
+    assert solver.lu_factor is None and solver.cholesky_factor is not None
+    twin = solver.with_regularization(damping)
+    assert twin.lu_factor is not None and twin.cholesky_factor is None
+    vectors = np.random.default_rng(0).normal(size=(8, 3))
+    expected = np.linalg.solve(hessian + damping * np.eye(8), vectors)
+    np.testing.assert_allclose(twin.solve(tf.constant(vectors)).numpy(), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(twin.inv_hessian.numpy(), np.linalg.inv(hessian + damping * np.eye(8)), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(twin.quadratic_form(tf.constant(vectors)).numpy(),
+                               np.einsum("pk,pk->k", vectors, expected), rtol=1e-4)
+    compiled = tf.function(twin.solve)  # the solve also works inside a graph
+    np.testing.assert_allclose(compiled(tf.constant(vectors)).numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_spectral_redamping_reuses_one_eigendecomposition(monkeypatch):
+    from deel.influenciae.common import exact_ihvp  # pylint: disable=import-outside-toplevel
+    calls = []
+    original_eigh = exact_ihvp.symmetric_eigh
+    monkeypatch.setattr(exact_ihvp, "symmetric_eigh", lambda matrix: calls.append(1) or original_eigh(matrix))
+    model = toy_model("float64")
+    x, y = toy_data(dtype=np.float64)
+    influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=toy_mse("float64"))
+    hessian = toy_mean_hessian_all_layers(model, x, y)
+    solver = ExactIHVP(influence_model, toy_dataset(x, y, 4), regularization=0.0)  # λ = 0: pseudo-inverse
+    vectors = np.random.default_rng(1).normal(size=(8, 2))
+    np.testing.assert_allclose(solver.solve(tf.constant(vectors)).numpy(),
+                               np.linalg.pinv(hessian, rcond=1e-10) @ vectors, rtol=1e-4, atol=1e-6)
+    damping = 0.3 * abs(np.linalg.eigvalsh(hessian)[0])  # indefinite: the cached spectrum is used, not LU
+    twin = solver.with_regularization(damping)
+    assert twin.lu_factor is None and twin.cholesky_factor is None
+    np.testing.assert_allclose(twin.solve(tf.constant(vectors)).numpy(),
+                               np.linalg.solve(hessian + damping * np.eye(8), vectors), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(twin.inv_hessian.numpy(), np.linalg.inv(hessian + damping * np.eye(8)), rtol=1e-4,
+                               atol=1e-6)
+    assert len(calls) == 1

@@ -64,7 +64,7 @@ def test_lds_sign_convention_and_bootstrap():
     (lambda s, m, o: (s, m * 2, o), "boolean"),
     (lambda s, m, o: (s, m[:2], o[:2]), "at least 3"),
     (lambda s, m, o: (s, m, np.concatenate([np.ones_like(o[:, :1]), o[:, 1:]], axis=1)), "test sample 0"),
-    (lambda s, m, o: (np.concatenate([s[:1], np.zeros_like(s[1:2]), s[2:]]), m, o), "test sample 1"),
+    (lambda s, m, o: (np.zeros_like(s), m, o), "every test sample"),
 ])
 def test_lds_errors(change, message):
     rng = np.random.default_rng(6)
@@ -117,3 +117,19 @@ def test_more_bad_inputs_are_named():
         changes = np.zeros((3, 4))
         changes[1, 2] = np.nan
         leave_one_out_correlation(rng.normal(size=(3, 4)), changes)
+
+
+def test_a_test_sample_with_constant_predictions_is_left_out(caplog):
+    rng = np.random.default_rng(8)
+    scores, masks = rng.normal(size=(4, 12)), random_subset_masks(12, 20, seed=9)
+    outputs = masks.astype(float) @ scores.T + rng.normal(size=(20, 4))
+    scores[1] = 0.0  # e.g. a test sample the model fits perfectly: zero gradient, zero scores
+    with caplog.at_level("WARNING"):
+        result = linear_datamodeling_score(scores, masks, outputs, bootstrap=200)
+    assert "1 test sample(s) (first: 1)" in caplog.text and result.undefined == 1
+    assert np.isnan(result.per_test[1])
+    kept = [0, 2, 3]
+    np.testing.assert_allclose(result.per_test[kept], direct_lds(scores[kept], masks, outputs[:, kept]), atol=1e-12)
+    assert result.score == pytest.approx(result.per_test[kept].mean(), abs=1e-12)
+    low, high = result.confidence_interval
+    assert np.isfinite(low) and np.isfinite(high)

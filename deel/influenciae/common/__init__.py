@@ -7,6 +7,7 @@ from .arnoldi_ihvp import ArnoldiConfig, ArnoldiIHVP
 from .base_influence import CACHE, BaseInfluenceCalculator, SelfInfluenceCalculator
 from .curvature import CurvatureOperator, ForwardOverBackwardHVP, HessianOperator
 from .executor import Executor
+from .fisher import FisherOperator
 from .ihvp_base import InverseHessianVectorProduct, LowRankInverse
 from .ihvp_factory import (ArnoldiIHVPFactory, CGDIHVPFactory, ExactIHVPFactory, InverseHessianVectorProductFactory,
                            LissaIHVPFactory)
@@ -30,4 +31,4 @@ __all__ = [
     "registered_solvers", "solver_names", "VectorStore", "MemoryVectorStore", "DiskVectorStore",
     "RecomputingVectorStore", "build_vector_store",
 ]
-__all__ += ["LayerFactors", "LayerAdapter", "register_layer_adapter"]
+__all__ += ["LayerFactors", "LayerAdapter", "register_layer_adapter", "FisherOperator"]

@@ -195,6 +195,11 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
                     self.subspace_dim, self.restarts, self.k_largest_eig_vals)
         return distill(projected, basis, self.k_largest_eig_vals, self.force_hermitian)
 
+    def _redamp(self) -> None:
+        """Re-damp the kept Ritz pairs: ``1 / (λ_j + λ')`` (no Hessian-vector product)."""
+        if self._fitted:
+            self._set_eigenpairs(self.eig_vals.numpy().astype(np.float64), self.G.numpy())
+
     def _set_eigenpairs(self, eig_vals: np.ndarray, projections: np.ndarray) -> None:
         shifted = eig_vals + self.regularization
         cutoff = self.rcond * np.max(np.abs(shifted))

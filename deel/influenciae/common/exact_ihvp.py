@@ -5,8 +5,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from ..utils.linear_algebra import (blocked_cholesky_solve, blocked_triangular_solve, damped_cholesky, symmetric_eigh,
-                                    symmetric_eigvalsh)
+from ..utils.linear_algebra import (LUFactor, blocked_cholesky_solve, blocked_triangular_solve, damped_cholesky,
+                                    symmetric_eigh, symmetric_eigvalsh)
 from ..utils.tf_operations import dataset_size
 from .autodiff import compile_function
 from .curvature import CurvatureOperator, HessianOperator
@@ -62,12 +62,16 @@ class ExactIHVP(InverseHessianVectorProduct):
     """Exact inverse-Hessian-vector products from the full mean Hessian.
 
     The Hessian is accumulated batch by batch as the Jacobian of the gradient of each batch's summed loss
-    (one P×P matrix per batch, summed in float64 when there are several), divided by the number of samples and
-    symmetrised. With ``λ > 0`` and ``H + λI`` positive definite, ``H + λI = L Lᵀ`` (Cholesky), factorised in the
+    (one P×P matrix per batch, summed in float64 when there are several) or, from 2,048 watched weights on, from
+    Hessian-vector products on blocks of unit vectors (:class:`HessianOperator`), divided by the number of samples
+    and symmetrised. With ``λ > 0`` and ``H + λI`` positive definite, ``H + λI = L Lᵀ`` (Cholesky), factorised in the
     model's dtype when its estimated condition number allows it (condition × machine epsilon <=
     ``FACTOR_ACCURACY`` = 1e-5) and in float64 otherwise, and vectors are solved with the triangular factor (two
     blocked triangular solves in the model's dtype, ``O(P² K)`` for K vectors); the explicit inverse is only
-    formed when ``inv_hessian`` is read. Otherwise, in float64, ``H = Q diag(e) Qᵀ`` and the solver applies
+    formed when ``inv_hessian`` is read. With ``λ > 0`` and ``H + λI`` indefinite (non-convex models), an LU
+    factorisation in float64 (:class:`~deel.influenciae.utils.linear_algebra.LUFactor`) solves with the true inverse,
+    unless its pivots say the matrix is numerically singular (smallest/largest pivot <= ``rcond``). Otherwise, in
+    float64, ``H = Q diag(e) Qᵀ`` and the solver applies
     ``Q diag(f(e + λ)) Qᵀ`` with ``f(s) = 1/s``, except that eigenvalues with ``|s| <= rcond · max|s|`` are dropped
     (``f(s) = 0``): with ``λ = 0`` this is the Moore–Penrose pseudo-inverse, as in the reference.
 
@@ -103,6 +107,8 @@ class ExactIHVP(InverseHessianVectorProduct):
     inv_hessian : tf.Tensor
         (P, P) matrix applied to vectors: ``(H + λI)⁻¹`` (pseudo-inverse when λ = 0), model dtype (formed on
         first access when a Cholesky factor is used).
+    lu_factor : LUFactor or None
+        The LU factorisation of an indefinite ``H + λI``, or None.
     cholesky_factor : tf.Tensor or None
         (P, P) lower-triangular L with ``L Lᵀ = H + λI`` in the model dtype, or None (spectral inverse).
     factor_dtype : tf.DType or None
@@ -155,7 +161,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         self.curvature = curvature
         self.rcond = float(default_rcond(nb_params, model.dtype) if rcond is None else rcond)
         # Set by the fit.
-        self.hessian = self.cholesky_factor = self.factor_dtype = None
+        self.hessian = self.cholesky_factor = self.factor_dtype = self.lu_factor = self._inverse_spectrum = None
+        self._spectrum: dict = {}
         self._mean_hessian = self._eigenvalues = self._factor = self._inverse = None
         if fit_now:
             self.fit()
@@ -172,32 +179,64 @@ class ExactIHVP(InverseHessianVectorProduct):
             raise non_finite_error("Hessian")
         self._mean_hessian = mean  # in the precision of the accumulation
         self._eigenvalues = None
-        factor = damped_cholesky(damped, self.model.dtype) if self.regularization > 0 else None
+        self._spectrum = {}  # shared with the copies of with_regularization (same H)
+        self._factorise(damped)
+
+    def _redamp(self) -> None:
+        """Refactorise ``H + λ'I`` from the kept mean Hessian (no pass over the data); an eigendecomposition done by
+        this solver or a re-damped relative is reused, not recomputed."""
+        if self._fitted:
+            mean = self._mean_hessian
+            self._factorise(tf.linalg.set_diag(mean, tf.linalg.diag_part(mean)
+                                               + tf.constant(self.regularization, mean.dtype)))
+
+    def _factorise(self, damped: tf.Tensor) -> None:
+        """Cholesky factor of ``H + λI`` (λ > 0, positive definite); else LU (λ > 0, indefinite, unless an
+        eigendecomposition is already at hand); else the spectral (pseudo-)inverse."""
+        known_indefinite = "eigh" in self._spectrum and self._spectrum["eigh"][0][0] + self.regularization <= 0
+        factor = damped_cholesky(damped, self.model.dtype) if self.regularization > 0 and not known_indefinite \
+            else None
         self.cholesky_factor = None if factor is None else tf.cast(factor, self.model.dtype)
         self.factor_dtype = None if factor is None else factor.dtype
         self._factor = factor
-        self._inverse = None if factor is not None else \
-            tf.cast(self._spectral_inverse(tf.cast(mean, tf.float64), self.regularization), self.model.dtype)
+        self._inverse = self.lu_factor = self._inverse_spectrum = None
+        if factor is not None:
+            return
+        if self.regularization > 0 and "eigh" not in self._spectrum:
+            lu_factor = LUFactor(tf.cast(damped, tf.float64))
+            if lu_factor.pivot_ratio > self.rcond:
+                self.lu_factor = lu_factor
+                return
+        eigenvalues, _ = self._eigenpairs()
+        shifted = eigenvalues + self.regularization
+        keep = np.abs(shifted) > self.rcond * np.max(np.abs(shifted))
+        self._inverse_spectrum = tf.constant(np.where(keep, 1.0 / np.where(keep, shifted, 1.0), 0.0))
+
+    def _eigenpairs(self) -> Tuple[np.ndarray, tf.Tensor]:
+        """``(e (P,) ascending, Q (P, P))`` of the mean Hessian in float64, computed once and shared with the solvers
+        re-damped from this one."""
+        if "eigh" not in self._spectrum:
+            eigenvalues, eigenvectors = symmetric_eigh(tf.cast(self._mean_hessian, tf.float64))
+            self._spectrum["eigh"] = (eigenvalues.numpy(), eigenvectors)
+        eigenvalues, eigenvectors = self._spectrum["eigh"]
+        self._eigenvalues = tf.constant(eigenvalues)
+        return eigenvalues, eigenvectors
 
     @property
     def inv_hessian(self) -> tf.Tensor:
         """(P, P) ``(H + λI)⁻¹`` (pseudo-inverse semantics when λ = 0), model dtype; formed on first access."""
         self.fit()
         if self._inverse is None:
-            factor64 = tf.cast(self._factor, tf.float64)
-            identity = tf.eye(tf.shape(factor64)[0], dtype=tf.float64)
-            self._inverse = tf.cast(tf.linalg.cholesky_solve(factor64, identity), self.hessian.dtype)
+            if self._inverse_spectrum is not None:
+                eigenvectors = self._spectrum["eigh"][1]
+                inverse = tf.matmul(eigenvectors * self._inverse_spectrum[None, :], eigenvectors, transpose_b=True)
+            elif self.lu_factor is not None:
+                inverse = self.lu_factor.solve(tf.eye(self.model.nb_params, dtype=tf.float64))
+            else:
+                factor64 = tf.cast(self._factor, tf.float64)
+                inverse = tf.linalg.cholesky_solve(factor64, tf.eye(tf.shape(factor64)[0], dtype=tf.float64))
+            self._inverse = tf.cast(inverse, self.hessian.dtype)
         return self._inverse
-
-    def _spectral_inverse(self, hessian64: tf.Tensor, regularization: float) -> tf.Tensor:
-        """``Q diag(f(e + λ)) Qᵀ`` with small shifted eigenvalues dropped (pseudo-inverse semantics)."""
-        eigenvalues, eigenvectors = symmetric_eigh(hessian64)
-        self._eigenvalues = eigenvalues
-        shifted = eigenvalues + regularization
-        cutoff = self.rcond * tf.reduce_max(tf.abs(shifted))
-        keep = tf.abs(shifted) > cutoff
-        inverse_spectrum = tf.where(keep, 1.0 / tf.where(keep, shifted, 1.0), 0.0)
-        return tf.matmul(eigenvectors * inverse_spectrum[None, :], eigenvectors, transpose_b=True)
 
     @property
     def eigenvalues(self) -> tf.Tensor:
@@ -216,16 +255,22 @@ class ExactIHVP(InverseHessianVectorProduct):
     def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
         self.fit()
         vectors = tf.cast(vectors, self.hessian.dtype)
-        if self._inverse is None:
+        if self._inverse is not None:
+            return tf.matmul(self._inverse, vectors)
+        if self.cholesky_factor is not None:
             return _compiled_cholesky_solve(self.cholesky_factor, vectors)
-        return tf.matmul(self._inverse, vectors)
+        if self.lu_factor is not None:
+            return tf.cast(self.lu_factor.solve(vectors), vectors.dtype)
+        eigenvectors = self._spectrum["eigh"][1]  # Q (s ⊙ Qᵀ V): 4 P² K operations, no P×P inverse formed
+        coordinates = tf.matmul(eigenvectors, tf.cast(vectors, tf.float64), transpose_a=True)
+        return tf.cast(tf.matmul(eigenvectors, self._inverse_spectrum[:, None] * coordinates), vectors.dtype)
 
     def inverse_quadratic_form(self, vectors: tf.Tensor) -> tf.Tensor:
         """``vᵀ (H + λI)⁻¹ v`` for every column: (P, K) -> (K,). With a Cholesky factor this is ``||L⁻¹ v||²``,
         one triangular solve instead of two."""
         self.fit()
         vectors = tf.cast(vectors, self.hessian.dtype)
-        if self._inverse is None:
+        if self._inverse is None and self.cholesky_factor is not None:
             whitened = _compiled_triangular_solve(self.cholesky_factor, vectors)
             return tf.reduce_sum(tf.square(whitened), axis=0)
         return super().inverse_quadratic_form(vectors)

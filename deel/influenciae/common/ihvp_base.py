@@ -5,6 +5,7 @@ A solver sees a curvature operator (:mod:`.curvature`) and vectors, nothing else
 ``vᵀ (H + λI)⁻¹ v`` and, when it has one, a :class:`LowRankInverse`. Vectors are laid out as columns: a batch of
 B vectors is a (P, B) tensor.
 """
+import copy
 from abc import ABC, abstractmethod
 from typing import NamedTuple, Optional, Tuple
 
@@ -90,6 +91,33 @@ class InverseHessianVectorProduct(ABC):
 
     def _fit(self) -> None:
         """Solver-specific fit (nothing by default)."""
+
+    def with_regularization(self, regularization: float) -> "InverseHessianVectorProduct":
+        """The same solver for ``H + λ'I``, reusing what the fit computed that does not depend on λ.
+
+        Sweeping the damping (:func:`deel.influenciae.evaluation.select_damping`) then costs one curvature fit:
+        the exact solver keeps the mean Hessian and only refactorises ``H + λ'I`` (no pass over the data), Arnoldi
+        keeps its Ritz pairs (no Hessian-vector product at all), the iterative solvers keep their cached inputs.
+        This solver is left unchanged.
+
+        Parameters
+        ----------
+        regularization
+            λ' ≥ 0.
+
+        Returns
+        -------
+        InverseHessianVectorProduct
+            A new solver of the same class (fitted when this one is).
+        """
+        twin = copy.copy(self)
+        twin.regularization = check_regularization(regularization)  # pylint: disable=attribute-defined-outside-init
+        twin._redamp()  # pylint: disable=protected-access
+        return twin
+
+    def _redamp(self) -> None:
+        """Hook run on the copy made by :meth:`with_regularization` once its ``regularization`` is set: rebuild
+        what depends on λ (default: nothing)."""
 
     def low_rank(self) -> Optional[LowRankInverse]:
         """The solver's inverse as ``Gᵀ diag(s) G`` when it has that compact form (Arnoldi), else None: calculators

@@ -95,6 +95,10 @@ class IterativeIHVP(InverseHessianVectorProduct):
                                          memory_budget_bytes=self.memory_budget_bytes)
         self.hessian_vector_product = self.curvature.products
 
+    def _redamp(self) -> None:
+        """Recompile the solve (λ is a constant of its graph); the cached inputs and the operator are kept."""
+        self._solve = compile_function(self._solve_eager)
+
     def _solve_eager(self, vectors: tf.Tensor) -> tf.Tensor:
         """Solver-specific ``(H + λI)⁻¹ V`` (compiled in __init__)."""
         raise NotImplementedError
@@ -195,6 +199,12 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
         if fit_now:
             self.fit()
 
+    def _redamp(self) -> None:
+        """As :class:`IterativeIHVP`, with an empty recycled basis (its directions are A-orthonormal for the old λ)."""
+        super()._redamp()
+        self.krylov_basis = KrylovBasis(self.krylov_basis.capacity)
+        self.last_solve_info = None
+
     def _solve_eager(self, vectors: tf.Tensor) -> tf.Tensor:
         return conjugate_gradients_solve(self.damped_hvp, vectors, maxiter=self.n_opt_iters, tol=self.tol,
                                          atol=self.atol)
@@ -277,6 +287,10 @@ class LissaIHVP(IterativeIHVP):
         self._solve_checked = compile_function(self._iterate)
         if fit_now:
             self.fit()
+
+    def _redamp(self) -> None:
+        super()._redamp()
+        self._solve_checked = compile_function(self._iterate)
 
     def _iterate(self, vectors: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         """The LiSSA iterates for (P, K) vectors: ``x / s`` (P, K), and whether the iteration stayed finite and its

@@ -6,11 +6,14 @@ the retrained models' output on t by the sum of the scores of the training sampl
 the output actually measured. The score of a method is the mean over test samples.
 """
 import dataclasses
+import logging
 from typing import Optional, Tuple
 
 import numpy as np
 
 from .correlation import finite_array, rowwise_spearman
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +28,15 @@ class LDSResult:
         (T,) Spearman correlation of each test sample.
     confidence_interval
         ``(low, high)`` percentile bootstrap interval of ``score`` over test samples, or None when not asked.
+    undefined
+        Number of test samples whose predictions do not vary across the subsets (e.g. a method that gives them
+        all-zero scores): their ``per_test`` entry is NaN and they are left out of ``score`` and the interval.
     """
 
     score: float
     per_test: np.ndarray
     confidence_interval: Optional[Tuple[float, float]] = None
+    undefined: int = 0
 
 
 def check_lds_inputs(scores: object, masks: object, outputs: object) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,27 +96,37 @@ def linear_datamodeling_score(scores: object, masks: object, outputs: object, bo
     Raises
     ------
     ValueError
-        On mismatched shapes or non-finite values (see :func:`check_lds_inputs`), or when a test sample's outputs or
-        predictions are the same for every subset (its rank correlation is undefined), naming the test sample.
+        On mismatched shapes or non-finite values (see :func:`check_lds_inputs`), when a test sample's outputs are
+        the same for every subset (naming it), or when the predictions of every test sample are. A test sample whose
+        predictions alone are constant is left out with a warning (see ``LDSResult.undefined``).
     """
     scores, masks, outputs = check_lds_inputs(scores, masks, outputs)
+    if bootstrap and not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
     predicted = scores @ masks.T.astype(np.float64)  # (T, M)
-    for name, table in (("outputs", outputs.T), ("predictions (masks @ scores.T)", predicted)):
-        constant = np.flatnonzero(np.all(table == table[:, :1], axis=1))
-        if constant.size:
-            raise ValueError(f"{name} are constant across the subsets for test sample {int(constant[0])}: its rank "
-                             "correlation is undefined (check the measurement, or that its scores are not all 0).")
-    per_test = rowwise_spearman(predicted, outputs.T)
+    constant_outputs = np.flatnonzero(np.all(outputs.T == outputs.T[:, :1], axis=1))
+    if constant_outputs.size:
+        raise ValueError(f"outputs are constant across the subsets for test sample {int(constant_outputs[0])}: its "
+                         "rank correlation is undefined (check the measurement).")
+    undefined = np.all(predicted == predicted[:, :1], axis=1)
+    if undefined.all():
+        raise ValueError("predictions (masks @ scores.T) are constant across the subsets for every test sample "
+                         "(first: test sample 0): the scores carry no ranking.")
+    if undefined.any():
+        LOGGER.warning("LDS: the predictions of %d test sample(s) (first: %d) are constant across the subsets "
+                       "(e.g. all-zero scores): their correlation is undefined and left out of the mean.",
+                       int(undefined.sum()), int(np.flatnonzero(undefined)[0]))
+    per_test = np.full(predicted.shape[0], np.nan)
+    per_test[~undefined] = rowwise_spearman(predicted[~undefined], outputs.T[~undefined])
     interval = None
     if bootstrap:
-        if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+        defined = per_test[~undefined]
         rng = np.random.default_rng(seed)
-        draws = rng.integers(0, per_test.shape[0], size=(int(bootstrap), per_test.shape[0]))
-        means = per_test[draws].mean(axis=1)
+        draws = rng.integers(0, defined.shape[0], size=(int(bootstrap), defined.shape[0]))
+        means = defined[draws].mean(axis=1)
         tail = (1.0 - confidence) / 2.0
         interval = (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))
-    return LDSResult(float(per_test.mean()), per_test, interval)
+    return LDSResult(float(np.nanmean(per_test)), per_test, interval, int(undefined.sum()))
 
 
 def random_subset_masks(n: int, m: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:

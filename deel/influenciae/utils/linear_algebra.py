@@ -170,3 +170,48 @@ def symmetric_eigvalsh(matrix: tf.Tensor) -> tf.Tensor:
     if not tf.executing_eagerly():
         return tf.linalg.eigvalsh(matrix)
     return tf.constant(np.linalg.eigvalsh(np.asarray(matrix), UPLO="L"), matrix.dtype)
+
+
+class LUFactor:
+    """LU factorisation with partial pivoting of a square float64 matrix, for solves with an indefinite matrix.
+
+    Eagerly this is LAPACK's ``getrf`` through SciPy when it is installed (about 4x faster than TensorFlow's LU on
+    CPU: 14 s against 63 s at P = 13,120 on 2 cores), otherwise ``tf.linalg.lu``; solves run in the same library.
+
+    Parameters
+    ----------
+    matrix
+        (P, P) float64.
+    """
+
+    use_scipy = True  # class switch (tests exercise both paths)
+
+    def __init__(self, matrix: tf.Tensor):
+        self.dtype = matrix.dtype
+        self._scipy = None
+        if self.use_scipy:
+            try:
+                import scipy.linalg  # pylint: disable=import-outside-toplevel
+                self._scipy = scipy.linalg
+            except ImportError:
+                self._scipy = None
+        if self._scipy is not None:
+            self._factors = self._scipy.lu_factor(np.asarray(matrix), check_finite=False)
+            diagonal = np.abs(np.diag(self._factors[0]))
+        else:
+            self._factors = tf.linalg.lu(matrix)
+            diagonal = np.abs(tf.linalg.diag_part(self._factors[0]).numpy())
+        self.pivot_ratio = float(diagonal.min() / diagonal.max()) if diagonal.max() > 0 else 0.0
+
+    def solve(self, vectors: tf.Tensor) -> tf.Tensor:
+        """``A⁻¹ V``: (P, K) -> (P, K), float64."""
+        vectors = tf.cast(vectors, self.dtype)
+        if self._scipy is not None:
+            if tf.executing_eagerly():
+                return tf.constant(self._scipy.lu_solve(self._factors, vectors.numpy(), check_finite=False),
+                                   self.dtype)
+            solution = tf.numpy_function(lambda rhs: self._scipy.lu_solve(self._factors, rhs, check_finite=False),
+                                         [vectors], self.dtype)
+            solution.set_shape(vectors.shape)
+            return solution
+        return tf.linalg.lu_solve(self._factors[0], self._factors[1], vectors)
