@@ -3,8 +3,9 @@
 A :class:`CurvatureOperator` is the mean curvature ``C`` (P×P) of the per-sample loss over a dataset with respect
 to the watched weights, offered as products ``C V`` on (P, K) columns and, when it can be formed, as a dense sum.
 :class:`HessianOperator` is the Hessian (forward-over-backward products; for the dense matrix, the batch-wise
-Jacobian of the gradient on small models and products on unit vectors on large ones); Gauss–Newton and Kronecker-factored curvature are further operators. Solvers
-(:mod:`.ihvp_base`) only see an operator and vectors.
+Jacobian of the gradient on small models and products on unit vectors on large ones); Gauss–Newton and Fisher
+(:mod:`.fisher`) and Kronecker-factored curvature are further operators. Solvers (:mod:`.ihvp_base`) only see an
+operator and vectors.
 """
 from abc import ABC, abstractmethod
 from typing import Any, Optional, Tuple
