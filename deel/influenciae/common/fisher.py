@@ -81,7 +81,7 @@ class FisherOperator(CurvatureOperator):
         outputs = tf.cast(self.model(inputs), self.dtype)
         probabilities = tf.nn.softmax(outputs, axis=-1) if self.from_logits else outputs
         nb_classes = int(outputs.shape[-1])
-        sparse = labels.shape.rank == 1 or (labels.shape.rank == 2 and int(labels.shape[-1]) == 1 != nb_classes)
+        sparse = labels.shape.rank == 1 or int(labels.shape[-1]) == 1  # class indices, not one-hot rows
         rows = []
         for label in range(nb_classes):
             if sparse:
