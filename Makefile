@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench-fidelity bench clean
+.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench-kfac-scale bench-fidelity bench-kfac bench-kfac-queries bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -52,11 +52,27 @@ bench-scaling: $(VENV)/.installed-tests
 bench-real-models: $(VENV)/.installed-tests
 	$(PY) benchmarks/bench_real_models.py
 
+# K-FAC / EK-FAC fit, self-influence and pairwise influence on the real-models CNN (N = 1k, 10k) and transformer, as
+# ratios to a plain epoch: benchmarks/results/kfac_scale.{md,json} (~1 h on 2 cores; `--quick` for N = 1k only).
+bench-kfac-scale: $(VENV)/.installed-tests
+	$(PY) -u benchmarks/bench_kfac_scale.py
+
 # LDS of every method against retraining, with kronfluence and Captum in their own venv (created or completed on
 # first use; without it the peers are skipped): benchmarks/results/fidelity.{md,json,png}; retrainings cached.
 bench-fidelity: $(VENV)/.installed-tests
 	$(PY) benchmarks/bench_peers.py --setup || echo "peer venv unavailable: the fidelity benchmark runs without peers"
 	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_fidelity.py
+
+# K-FAC / EK-FAC side by side with kronfluence (peer venv as for bench-fidelity): agreement of the pairwise scores
+# and fit + score seconds; benchmarks/results/kfac.{md,json} (adds the dampings chosen in results/fidelity.json).
+bench-kfac: $(VENV)/.installed-tests
+	$(PY) benchmarks/bench_peers.py --setup || echo "peer venv unavailable: bench_kfac.py needs it"
+	OPENBLAS_NUM_THREADS=1 $(PY) -u benchmarks/bench_kfac.py
+
+# Query batching (CompressedQueries): accuracy, floats held and seconds of rank-r preconditioned test gradients on
+# the digits MLP: benchmarks/results/kfac_queries.{md,json} (about a minute).
+bench-kfac-queries: $(VENV)/.installed-tests
+	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_kfac_queries.py
 
 bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py

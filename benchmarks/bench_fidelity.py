@@ -6,9 +6,10 @@ For each model of :mod:`fidelity_problems` (a digits MLP 64-64-64-64-10 and a sm
    set with ``--seeds`` seeds each (cached under ``--cache-dir``, as are the library's scores for the same trained
    weights: a rerun only recomputes what changed, ``--rescore`` recomputes the scores);
 2. score the 300 test samples with every pairwise method of the library (influence functions with the exact, CG,
-   LiSSA and Arnoldi solvers; TracIn with the final and with four checkpoints; RPS-L2; RPS-LJE) and, in the peers'
-   virtual environment on the same weights and data, with kronfluence (identity, K-FAC, EK-FAC with the true and
-   the empirical Fisher) and Captum's ``TracInCP``;
+   LiSSA and Arnoldi solvers, the exact solver on the Gauss–Newton matrix and the empirical Fisher, K-FAC and EK-FAC
+   with the empirical and the true Fisher; TracIn with the final and with four checkpoints; RPS-L2; RPS-LJE) and,
+   in the peers' virtual environment on the same weights and data, with kronfluence (identity, K-FAC, EK-FAC with
+   the true and the empirical Fisher) and Captum's ``TracInCP``;
 3. pick each damped method's damping on the first 100 test samples (the validation budget,
    :func:`~deel.influenciae.evaluation.select_damping`; the library's solvers are re-damped with
    ``with_regularization``, one curvature fit per method), and report the LDS on the other 200 test samples at the

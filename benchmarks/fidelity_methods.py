@@ -5,8 +5,12 @@ re-damped with ``with_regularization`` for the others of :data:`DAMPINGS` and th
 Hessian and one eigendecomposition, a Cholesky factor where ``H + λI`` is positive definite; Arnoldi: one Arnoldi
 iteration; CG and LiSSA: new solves). The exact solver also runs on the Gauss–Newton matrix (the true Fisher of the
 softmax cross-entropy) and on the empirical Fisher (:class:`~deel.influenciae.common.FisherOperator`), positive
-semi-definite: one Cholesky per λ > 0, no default (λ = 0 would be a pseudo-inverse of a singular matrix). Failures
-(CG on an indefinite matrix, LiSSA diverging) are recorded, not fatal.
+semi-definite: one Cholesky per λ > 0, no default (λ = 0 would be a pseudo-inverse of a singular matrix). K-FAC and
+EK-FAC (:class:`~deel.influenciae.common.KFACIHVP`, :class:`~deel.influenciae.common.EKFACIHVP`; block-diagonal
+Kronecker-factored Fisher, empirical or true, the library's defaults otherwise: ``position_scaling="sum"``, seed 0
+for the true Fisher's labels) are fitted once and re-damped over :data:`DAMPINGS` and their default λ = 0 (the
+pseudo-inverse of each block, from the eigendecompositions the fit already holds). Failures (CG on an indefinite
+matrix, LiSSA diverging) are recorded, not fatal.
 """
 import dataclasses
 import time
@@ -17,13 +21,13 @@ import numpy as np
 import scipy.sparse.linalg
 import tensorflow as tf
 
-from deel.influenciae.common import (ArnoldiIHVP, ConjugateGradientDescentIHVP, ExactIHVP, FisherOperator,
-                                     InfluenceModel, LissaIHVP)
+from deel.influenciae.common import (ArnoldiIHVP, ConjugateGradientDescentIHVP, EKFACIHVP, ExactIHVP,
+                                     FisherOperator, InfluenceModel, KFACIHVP, LissaIHVP)
 from deel.influenciae.influence import FirstOrderInfluenceCalculator
 from deel.influenciae.rps import RepresenterPointL2, RepresenterPointLJE
 from deel.influenciae.trac_in import TracIn
 
-import fidelity_problems as problems
+import fidelity_problems as problems  # pylint: disable=wrong-import-order
 
 DAMPINGS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 ITERATIVE_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # CG and LiSSA: each candidate is a new solve
@@ -31,7 +35,13 @@ RPS_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)  # RPS-L2's λ (its surrogate's L2 penal
 TRAIN_BATCH = 256
 EXACT_MEMORY_BUDGET = 20 * 2 ** 30
 FISHER_DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # F + λI is positive definite: one Cholesky per λ
-METHOD_NAMES = ("exact", "cg", "lissa", "arnoldi", "fisher", "fisher_empirical", "tracin", "rps_l2", "rps_lje")
+# method name -> (solver class, Fisher kind, row label) of the Kronecker-factored solvers
+KRONECKER_METHODS = {"kfac": (KFACIHVP, "empirical", "influence, K-FAC, empirical Fisher"),
+                     "kfac_true": (KFACIHVP, "true", "influence, K-FAC, true Fisher"),
+                     "ekfac": (EKFACIHVP, "empirical", "influence, EK-FAC, empirical Fisher"),
+                     "ekfac_true": (EKFACIHVP, "true", "influence, EK-FAC, true Fisher")}
+METHOD_NAMES = ("exact", "cg", "lissa", "arnoldi", "fisher", "fisher_empirical", *KRONECKER_METHODS, "tracin",
+                "rps_l2", "rps_lje")
 
 
 @dataclasses.dataclass
@@ -162,6 +172,10 @@ def library_methods(problem: problems.FidelityProblem, model: keras.Model, check
             results.append(_swept(f"influence, exact, {label}", lambda damping, kind=kind: ExactIHVP(
                 influence_model, curvature=FisherOperator(influence_model, train, kind=kind), regularization=damping,
                 memory_budget_bytes=EXACT_MEMORY_BUDGET), first_order, FISHER_DAMPINGS, with_default=False))
+    for method, (solver_class, fisher, label) in KRONECKER_METHODS.items():
+        if method in wanted:
+            results.append(_swept(label, lambda damping, solver_class=solver_class, fisher=fisher: solver_class(
+                influence_model, train, regularization=damping, fisher=fisher, seed=0), first_order, DAMPINGS))
     if "cg" in wanted:
         results.append(_swept("influence, CG (100 iterations)",
                               lambda damping: ConjugateGradientDescentIHVP(influence_model, None, train,

@@ -364,3 +364,13 @@ def test_spectral_redamping_reuses_one_eigendecomposition(monkeypatch):
     np.testing.assert_allclose(twin.inv_hessian.numpy(), np.linalg.inv(hessian + damping * np.eye(8)), rtol=1e-4,
                                atol=1e-6)
     assert len(calls) == 1
+    # With λ > 0, directions whose |e + λ| is below the pseudo-inverse's cut-off (rcond · max) but far above the
+    # rounding are inverted, as a fresh (LU) solver does: they are what the damping is for.
+    coarse = ExactIHVP(influence_model, toy_dataset(x, y, 4), regularization=0.0, rcond=0.05)
+    spectrum = np.linalg.eigvalsh(hessian)
+    damping = 0.02 * np.max(np.abs(spectrum))
+    shifted = np.abs(spectrum + damping)
+    assert shifted.min() < coarse.rcond * shifted.max() and shifted.min() > 1e-6 * shifted.max()
+    expected = np.linalg.solve(hessian + damping * np.eye(8), vectors)
+    np.testing.assert_allclose(coarse.with_regularization(damping).solve(tf.constant(vectors)).numpy(), expected,
+                               rtol=1e-4, atol=1e-6)

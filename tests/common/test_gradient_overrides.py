@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deel.influenciae.common import InfluenceModel
+from deel.influenciae.common import BaseInfluenceModel, InfluenceModel
 from deel.influenciae.common.gradient_overrides import cheap_second_derivatives
 
 NB_CLASSES = 4
@@ -119,3 +119,28 @@ def test_gradients_are_replaced_only_inside_the_block():
         with cheap_second_derivatives():
             raise RuntimeError("boom")
     assert all(registry[name]["type"] is function for name, function in originals.items())
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gradients_of_confident_samples_keep_their_relative_precision(sparse):
+    """``1 - p_y`` far below float32's spacing near 1: the fused op rounds ``p_y - 1`` to 0, the library's gradients
+    (per-sample kernels and layer factors) keep it, against a float64 closed form."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    weights = np.array([[12.0, 0, 0], [0, 3, 0], [0, 0, 1]])
+    model.set_weights([weights, np.zeros(3)])
+    x = np.array([[2.0, 0.1, 0.0], [1.5, 0.0, 0.2], [0.1, 0.2, 0.3]], np.float32)
+    labels = np.array([0, 0, 1])
+    loss_class = keras.losses.SparseCategoricalCrossentropy if sparse else keras.losses.CategoricalCrossentropy
+    targets = labels if sparse else np.eye(3, dtype=np.float32)[labels]
+    influence_model = BaseInfluenceModel(model, model.trainable_variables,
+                                         loss_function=loss_class(from_logits=True, reduction="none"))
+    batch = (tf.constant(x), tf.constant(targets))
+    logits = x.astype(np.float64) @ weights
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    deltas = probabilities - np.eye(3)[labels]
+    assert 1 - probabilities[0, 0] < 1e-9  # p_0 - 1 rounds to 0 in float32
+    expected = np.concatenate([np.einsum("bi,bo->bio", x, deltas).reshape(3, -1), deltas], axis=1)
+    for gradients in (influence_model.batch_jacobian_tensor(batch), influence_model.layer_factors.gradients(batch)):
+        relative = np.abs(gradients.numpy() - expected).max(axis=1) / np.abs(expected).max(axis=1)
+        assert relative.max() < 1e-5

@@ -8,6 +8,9 @@ from .base_influence import CACHE, BaseInfluenceCalculator, SelfInfluenceCalcula
 from .curvature import CurvatureOperator, ForwardOverBackwardHVP, HessianOperator
 from .executor import Executor
 from .fisher import FisherOperator
+from .gauss_newton import GaussNewtonOperator
+from .kfac_ihvp import EKFACConfig, EKFACIHVP, KFACConfig, KFACIHVP, KFACMemoryEstimate
+from .kfac_queries import CompressedQueries
 from .ihvp_base import InverseHessianVectorProduct, LowRankInverse
 from .ihvp_factory import (ArnoldiIHVPFactory, CGDIHVPFactory, ExactIHVPFactory, InverseHessianVectorProductFactory,
                            LissaIHVPFactory)
@@ -32,3 +35,5 @@ __all__ = [
     "RecomputingVectorStore", "build_vector_store",
 ]
 __all__ += ["LayerFactors", "LayerAdapter", "register_layer_adapter", "FisherOperator"]
+__all__ += ["GaussNewtonOperator"]
+__all__ += ["KFACIHVP", "EKFACIHVP", "KFACConfig", "EKFACConfig", "KFACMemoryEstimate", "CompressedQueries"]

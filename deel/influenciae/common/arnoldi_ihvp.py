@@ -26,6 +26,7 @@ from .arnoldi_iteration import (_breakdown_tolerance, _finished, arnoldi_graph, 
                                 compiled_arnoldi_iteration, distill)
 from .autodiff import LossKernels, compile_function
 from .curvature import CurvatureOperator, HessianOperator
+from .gauss_newton import CurvatureSpec, check_curvature, resolve_curvature
 from .ihvp_base import InverseHessianVectorProduct, LowRankInverse, check_regularization, default_rcond
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES
 from .model_wrappers import BaseInfluenceModel, assert_finite
@@ -84,7 +85,9 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
     rcond
         Relative cut-off of the shifted eigenvalues; default ``10 · P · eps(model dtype)``, as :class:`ExactIHVP`.
     curvature
-        Keyword only: the curvature operator (default: the Hessian over ``train_dataset``).
+        Keyword only: ``"hessian"`` (or None, the default: the Hessian over ``train_dataset``), ``"gauss_newton"``
+        (the Gauss–Newton matrix over ``train_dataset``,
+        :class:`~deel.influenciae.common.gauss_newton.GaussNewtonOperator`) or a curvature operator.
     fit_now
         Keyword only: run the iteration now (default) or at :meth:`fit` / the first product.
 
@@ -108,10 +111,11 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
     def __init__(self, model: BaseInfluenceModel, train_dataset: tf.data.Dataset, subspace_dim: Optional[int] = None,
                  k_largest_eig_vals: Optional[int] = None, force_hermitian: bool = True, regularization: float = 0.0,
                  seed: Optional[int] = 0, hvp_batch_size: Optional[int] = None, rcond: Optional[float] = None,
-                 dtype: Optional[tf.DType] = None, *, curvature: Optional[CurvatureOperator] = None,
+                 dtype: Optional[tf.DType] = None, *, curvature: CurvatureSpec = None,
                  fit_now: bool = True):
         super().__init__(model, train_dataset)
-        if train_dataset is None and curvature is None:
+        curvature = check_curvature(curvature)
+        if train_dataset is None and not isinstance(curvature, CurvatureOperator):
             raise ValueError("ArnoldiIHVP needs a train_dataset (or a curvature operator).")
         nb_params = model.nb_params
         subspace_dim = min(nb_params, 200) if subspace_dim is None else subspace_dim
@@ -125,7 +129,8 @@ class ArnoldiIHVP(InverseHessianVectorProduct):
         self.seed = seed
         self.rcond = float(default_rcond(nb_params, model.dtype) if rcond is None else rcond)  # as ExactIHVP
         self.dtype = tf.as_dtype(dtype) if dtype is not None else model.dtype
-        self.curvature = curvature if curvature is not None else HessianOperator(
+        self.curvature = resolve_curvature(curvature, model, train_dataset, chunk_size=hvp_batch_size,
+                                           memory_budget_bytes=self.memory_budget_bytes) or HessianOperator(
             model, train_dataset, chunk_size=hvp_batch_size, memory_budget_bytes=self.memory_budget_bytes)
         self.restarts = 0
         self.eig_vals = self.G = self.inverse_eig_vals = None  # set by the fit
@@ -240,6 +245,7 @@ class ArnoldiConfig(SolverConfig):
     seed: Optional[int] = 0
     hvp_batch_size: Optional[int] = None
     rcond: Optional[float] = None
+    curvature: CurvatureSpec = "hessian"
 
 
 register_solver("arnoldi", ArnoldiIHVP, ArnoldiConfig,

@@ -1,7 +1,8 @@
 """Compiled derivative kernels of a per-sample loss with respect to a flat vector of watched weights.
 
 Gradient tapes live here (the model's loss), in :mod:`.derivatives` (plain functions: RPS-L2's surrogate objective,
-the boundary methods' scores) and in the per-layer factor kernels. A :class:`LossKernels` object turns
+the boundary methods' scores), in the per-layer factor kernels and in the Gauss–Newton kernels (:mod:`.gauss_newton`,
+built on :meth:`LossKernels.outputs_of` and :meth:`LossKernels.losses_of_outputs`). A :class:`LossKernels` object turns
 (model, watched variables, loss) into pure functions of a flat parameter vector θ (length P), evaluated
 with ``model.stateless_call`` so that θ can be differentiated freely, and exposes compiled kernels:
 
@@ -16,7 +17,6 @@ with ``model.stateless_call`` so that θ can be differentiated freely, and expos
 import functools
 import inspect
 import logging
-import warnings
 from typing import Any, Callable, List, Sequence, Tuple
 
 import keras
@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from .gradient_overrides import cheap_second_derivatives
-from .pfor_converters import per_sample_converters
+from .pfor_converters import vectorized_per_sample
 
 
 def _accepts_training(model: keras.Model) -> bool:
@@ -34,6 +34,10 @@ def _accepts_training(model: keras.Model) -> bool:
     except (TypeError, ValueError):
         return True
     return any(p.name == "training" or p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+# Classes whose compiled kernels are one per instance (models, checkpoints, heads, fitted solvers).
+_OWNERS = ("LossKernels.", "KFACIHVP.")
 
 
 class _OwnKernelRetracingFilter(logging.Filter):
@@ -46,13 +50,13 @@ class _OwnKernelRetracingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("triggered tf.function retracing" in message and "LossKernels." in message)
+        return not ("triggered tf.function retracing" in message and any(owner in message for owner in _OWNERS))
 
 
 tf.get_logger().addFilter(_OwnKernelRetracingFilter())
 
 
-def _traced_with_overrides(function: Callable) -> Callable:
+def traced_with_overrides(function: Callable) -> Callable:
     """``function`` running under :func:`cheap_second_derivatives` (so, once compiled, only while it is traced)."""
 
     @functools.wraps(function)
@@ -69,7 +73,7 @@ class _Compiled:
     runs under :func:`~.gradient_overrides.cheap_second_derivatives`."""
 
     def __init__(self, function: Callable):
-        function = _traced_with_overrides(function)
+        function = traced_with_overrides(function)
         self._plain = tf.function(function, reduce_retracing=True, autograph=False)
         self._autograph = tf.function(function, reduce_retracing=True)
         self._use_autograph = False
@@ -155,6 +159,11 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
 
     def losses_of(self, values: List[tf.Tensor], inputs: Any, targets: Any, sample_weight: Any) -> tf.Tensor:
         """Per-sample losses (B,) with the watched weights replaced by ``values`` (shaped like the weights)."""
+        return self.losses_of_outputs(targets, self.outputs_of(values, inputs), sample_weight)
+
+    def outputs_of(self, values: List[tf.Tensor], inputs: Any) -> Any:
+        """The model's outputs on ``inputs`` (batch first, as the model returns them) with the watched weights
+        replaced by ``values`` (shaped like the weights); the other weights keep their current values."""
 
         def pick(variables, slots):
             return [values[slot] if slot is not None else variable.value for variable, slot in zip(variables, slots)]
@@ -162,6 +171,17 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
         outputs, _ = self.model.stateless_call(pick(self.model.trainable_variables, self._trainable_slots),
                                                pick(self.model.non_trainable_variables, self._non_trainable_slots),
                                                inputs, **self._call_kwargs)
+        return outputs
+
+    def losses_of_outputs(self, targets: Any, outputs: Any, sample_weight: Any) -> tf.Tensor:
+        """Per-sample losses (B,) of given model outputs: ``loss_function(targets, outputs[, sample_weight])``, with
+        trailing dimensions summed per sample.
+
+        Raises
+        ------
+        ValueError
+            If the loss returns one value for the whole batch.
+        """
         if sample_weight is None:
             losses = self.loss_function(targets, outputs)
         else:
@@ -201,14 +221,7 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
             return self._gradient_at(theta, inputs_i, targets_i, weight_i)
 
         samples = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
-        try:
-            with per_sample_converters():
-                return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=False)
-        except (ValueError, NotImplementedError, TypeError) as error:  # an op pfor cannot vectorize (at trace time)
-            warnings.warn(f"Per-sample gradients could not be fully vectorized ({type(error).__name__}: "
-                          f"{str(error)[:200]}); falling back to a slower while loop for the unsupported ops.",
-                          RuntimeWarning, stacklevel=2)
-            return tf.vectorized_map(one_sample, samples, fallback_to_while_loop=True)
+        return vectorized_per_sample(one_sample, samples)
 
     def _summed_gradient_eager(self, batch: Tuple) -> tf.Tensor:
         return self._gradient_at(self.flat_weights(), *self._split(batch))
@@ -231,27 +244,39 @@ class LossKernels:  # pylint: disable=too-many-instance-attributes
         # One backward pass of the gradient per column, H v_k = d(v_kᵀ g)/dθ, in a loop: faster than vectorizing the
         # K columns with pfor (benchmarks/README.md, "Design measurements") and its memory is that of one backward
         # pass instead of K.
-        count = tf.shape(vectors)[1]
-
-        def column(index, products):
-            product = outer.gradient(gradient, theta, output_gradients=vectors[:, index],
-                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return index + 1, products.write(index, product)
-
-        products = tf.TensorArray(theta.dtype, size=count, element_shape=theta.shape)
-        _, products = tf.while_loop(lambda index, _: index < count, column, (tf.constant(0), products))
-        return tf.ensure_shape(tf.transpose(products.stack()), vectors.shape)
+        return map_columns(lambda vector: outer.gradient(gradient, theta, output_gradients=vector,
+                                                         unconnected_gradients=tf.UnconnectedGradients.ZERO),
+                           vectors, theta)
 
     def chunked_mean_hvp_eager(self, samples: Tuple, vectors: tf.Tensor, chunk_size: tf.Tensor) -> tf.Tensor:
         """Mean over ``samples`` (a batch held in memory, N samples) of the Hessian times ``vectors`` (P, K),
         walking the samples in chunks of ``chunk_size`` inside one loop: (P, K). Compiled as
         ``chunked_mean_hvp`` (one trace per LossKernels, whatever dataset or solver calls it)."""
-        nb_samples = tf.shape(tf.nest.flatten(samples)[0])[0]
-        vectors = tf.cast(vectors, self.dtype)
+        return chunked_mean(self._summed_hvp_eager, samples, tf.cast(vectors, self.dtype), chunk_size)
 
-        def body(start, total):
-            chunk = tf.nest.map_structure(lambda tensor: tensor[start:start + chunk_size], samples)
-            return start + chunk_size, total + self._summed_hvp_eager(chunk, vectors)
 
-        _, total = tf.while_loop(lambda start, _: start < nb_samples, body, (tf.constant(0), tf.zeros_like(vectors)))
-        return total / tf.cast(nb_samples, vectors.dtype)
+def map_columns(product: Callable[[tf.Tensor], tf.Tensor], vectors: tf.Tensor, theta: tf.Tensor) -> tf.Tensor:
+    """``[product(v_1), …, product(v_K)]`` for (P, K) vectors, one column at a time in a ``tf.while_loop``: (P, K).
+    ``product`` maps a (P,) column to a (P,) vector shaped and typed like ``theta``."""
+    count = tf.shape(vectors)[1]
+
+    def column(index, products):
+        return index + 1, products.write(index, product(vectors[:, index]))
+
+    products = tf.TensorArray(theta.dtype, size=count, element_shape=theta.shape)
+    _, products = tf.while_loop(lambda index, _: index < count, column, (tf.constant(0), products))
+    return tf.ensure_shape(tf.transpose(products.stack()), vectors.shape)
+
+
+def chunked_mean(summed: Callable[[Tuple, tf.Tensor], tf.Tensor], samples: Tuple, vectors: tf.Tensor,
+                 chunk_size: tf.Tensor) -> tf.Tensor:
+    """Mean over ``samples`` (a batch held in memory, N samples) of ``summed(chunk, vectors)`` (a sum over the
+    chunk's samples, (P, K)), walking the samples in chunks of ``chunk_size`` inside one ``tf.while_loop``: (P, K)."""
+    nb_samples = tf.shape(tf.nest.flatten(samples)[0])[0]
+
+    def body(start, total):
+        chunk = tf.nest.map_structure(lambda tensor: tensor[start:start + chunk_size], samples)
+        return start + chunk_size, total + summed(chunk, vectors)
+
+    _, total = tf.while_loop(lambda start, _: start < nb_samples, body, (tf.constant(0), tf.zeros_like(vectors)))
+    return total / tf.cast(nb_samples, vectors.dtype)

@@ -181,12 +181,8 @@ class ForwardOverBackwardHVP:
         self.chunk_size = int(chunk_size) if chunk_size else max(first_batch, self._memory_chunk())
 
     def _memory_chunk(self) -> int:
-        """Samples per chunk allowed by a memory estimate from the input size (activations taken as 64 times the
-        inputs), within [1, N]."""
-        spec = self.train_dataset.element_spec
-        floats_per_sample = sum(int(np.prod(tensor.shape[1:])) for tensor in tf.nest.flatten(spec)
-                                if tensor.dtype.is_floating)
-        return int(min(self.nb_samples, max(1, HVP_CHUNK_FLOATS // (64 * max(1, floats_per_sample)))))
+        """Samples per chunk allowed by a memory estimate from the input size (see :func:`memory_chunk`)."""
+        return memory_chunk(self.train_dataset, self.nb_samples)
 
     def _mean_hvp(self, vectors: tf.Tensor) -> tf.Tensor:
         if self.samples is not None:
@@ -200,3 +196,11 @@ class ForwardOverBackwardHVP:
         if vectors.shape.rank == 1:
             vectors = vectors[:, None]
         return self._mean_hvp(vectors)
+
+
+def memory_chunk(dataset: tf.data.Dataset, nb_samples: int) -> int:
+    """Samples per chunk of products over ``dataset`` allowed by a memory estimate from the input size: activations
+    taken as 64 times the floating inputs, ``HVP_CHUNK_FLOATS`` in all; within [1, ``nb_samples``]."""
+    floats_per_sample = sum(int(np.prod(tensor.shape[1:])) for tensor in tf.nest.flatten(dataset.element_spec)
+                            if tensor.dtype.is_floating)
+    return int(min(nb_samples, max(1, HVP_CHUNK_FLOATS // (64 * max(1, floats_per_sample)))))

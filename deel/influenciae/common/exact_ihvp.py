@@ -10,6 +10,7 @@ from ..utils.linear_algebra import (LUFactor, blocked_cholesky_solve, blocked_tr
 from ..utils.tf_operations import dataset_size
 from .autodiff import compile_function
 from .curvature import CurvatureOperator, HessianOperator
+from .gauss_newton import CurvatureSpec, check_curvature, resolve_curvature
 from .ihvp_base import InverseHessianVectorProduct, check_regularization, default_rcond
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES
 from .model_wrappers import BaseInfluenceModel, non_finite_error
@@ -72,8 +73,10 @@ class ExactIHVP(InverseHessianVectorProduct):
     factorisation in float64 (:class:`~deel.influenciae.utils.linear_algebra.LUFactor`) solves with the true inverse,
     unless its pivots say the matrix is numerically singular (smallest/largest pivot <= ``rcond``). Otherwise, in
     float64, ``H = Q diag(e) Qᵀ`` and the solver applies
-    ``Q diag(f(e + λ)) Qᵀ`` with ``f(s) = 1/s``, except that eigenvalues with ``|s| <= rcond · max|s|`` are dropped
-    (``f(s) = 0``): with ``λ = 0`` this is the Moore–Penrose pseudo-inverse, as in the reference.
+    ``Q diag(f(e + λ)) Qᵀ`` with ``f(s) = 1/s``, except that eigenvalues are dropped (``f(s) = 0``) when
+    ``|s| <= rcond · max|s|`` with ``λ = 0`` (the Moore–Penrose pseudo-inverse, as in the reference), or, with
+    ``λ > 0``, when ``|s|`` is within the Hessian's rounding (``|s| <= 10 · eps(dtype) · max|e|``): the damped
+    directions are inverted, as by the LU factorisation.
 
     Parameters
     ----------
@@ -94,8 +97,11 @@ class ExactIHVP(InverseHessianVectorProduct):
         Samples per Hessian accumulation step (the dataset is re-batched); ``None`` keeps its batches. Larger
         steps are faster (fewer passes of P backward products); memory grows with the batch's activations only.
     curvature
-        Keyword only: the curvature operator whose dense matrix is inverted (default: the Hessian over
-        ``train_dataset``, :class:`~deel.influenciae.common.HessianOperator`).
+        Keyword only: the curvature whose dense matrix is inverted: ``"hessian"`` (or None, the default: the Hessian
+        over ``train_dataset``, :class:`~deel.influenciae.common.HessianOperator`), ``"gauss_newton"`` (the
+        Gauss–Newton matrix over ``train_dataset``, :class:`~deel.influenciae.common.gauss_newton.GaussNewtonOperator`:
+        positive semi-definite for losses convex in the outputs, so a Cholesky factor for every λ > 0), or a
+        :class:`~deel.influenciae.common.CurvatureOperator`.
     fit_now
         Keyword only: build and factorise the matrix now (default); with False, :meth:`fit` (or the first
         product) does it.
@@ -103,7 +109,8 @@ class ExactIHVP(InverseHessianVectorProduct):
     Attributes
     ----------
     hessian : tf.Tensor
-        (P, P) mean Hessian (undamped), model dtype.
+        (P, P) mean Hessian (undamped), model dtype: the mean of the chosen ``curvature`` (e.g. the Gauss–Newton
+        matrix).
     inv_hessian : tf.Tensor
         (P, P) matrix applied to vectors: ``(H + λI)⁻¹`` (pseudo-inverse when λ = 0), model dtype (formed on
         first access when a Cholesky factor is used).
@@ -126,11 +133,12 @@ class ExactIHVP(InverseHessianVectorProduct):
     def __init__(self, model: BaseInfluenceModel, train_dataset: Optional[tf.data.Dataset] = None,
                  train_hessian: Optional[Union[tf.Tensor, np.ndarray]] = None, regularization: float = 0.0,
                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES, rcond: Optional[float] = None,
-                 hessian_batch_size: Optional[int] = 4096, *, curvature: Optional[CurvatureOperator] = None,
+                 hessian_batch_size: Optional[int] = 4096, *, curvature: CurvatureSpec = None,
                  fit_now: bool = True):
         super().__init__(model, train_dataset)
         self.hessian_batch_size = hessian_batch_size
-        if train_dataset is None and train_hessian is None and curvature is None:
+        curvature = check_curvature(curvature)
+        if train_dataset is None and train_hessian is None and not isinstance(curvature, CurvatureOperator):
             raise ValueError("ExactIHVP needs either train_dataset (to compute the Hessian) or train_hessian (or "
                              "curvature, a curvature operator).")
         self.regularization = check_regularization(regularization)
@@ -155,10 +163,14 @@ class ExactIHVP(InverseHessianVectorProduct):
             if tuple(self._train_hessian.shape) != (nb_params, nb_params):
                 raise ValueError(f"train_hessian must have shape ({nb_params}, {nb_params}), got "
                                  f"{tuple(self._train_hessian.shape)}.")
-        if curvature is None and train_dataset is not None:
-            curvature = HessianOperator(model, train_dataset, memory_budget_bytes=memory_budget_bytes,
-                                        hessian_batch_size=hessian_batch_size, verbose=self.verbose)
-        self.curvature = curvature
+        operator = curvature if isinstance(curvature, CurvatureOperator) else None
+        if operator is None and train_dataset is not None:
+            operator = resolve_curvature(curvature, model, train_dataset, memory_budget_bytes=memory_budget_bytes,
+                                         verbose=self.verbose)
+        if operator is None and train_dataset is not None:
+            operator = HessianOperator(model, train_dataset, memory_budget_bytes=memory_budget_bytes,
+                                       hessian_batch_size=hessian_batch_size, verbose=self.verbose)
+        self.curvature = operator
         self.rcond = float(default_rcond(nb_params, model.dtype) if rcond is None else rcond)
         # Set by the fit.
         self.hessian = self.cholesky_factor = self.factor_dtype = self.lu_factor = self._inverse_spectrum = None
@@ -209,7 +221,11 @@ class ExactIHVP(InverseHessianVectorProduct):
                 return
         eigenvalues, _ = self._eigenpairs()
         shifted = eigenvalues + self.regularization
-        keep = np.abs(shifted) > self.rcond * np.max(np.abs(shifted))
+        if self.regularization > 0:  # only the exactly singular directions: the same inverse as LU's
+            eps = float(np.finfo(self.model.dtype.as_numpy_dtype).eps)  # pylint: disable=no-member
+            keep = np.abs(shifted) > 10.0 * eps * np.max(np.abs(eigenvalues))
+        else:
+            keep = np.abs(shifted) > self.rcond * np.max(np.abs(shifted))
         self._inverse_spectrum = tf.constant(np.where(keep, 1.0 / np.where(keep, shifted, 1.0), 0.0))
 
     def _eigenpairs(self) -> Tuple[np.ndarray, tf.Tensor]:
@@ -287,6 +303,7 @@ class ExactConfig(SolverConfig):
     rcond: Optional[float] = None
     hessian_batch_size: Optional[int] = 4096
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    curvature: CurvatureSpec = "hessian"
 
 
 register_solver("exact", ExactIHVP, ExactConfig,

@@ -15,38 +15,26 @@ Everything runs in one compiled function per product (pairwise, squared norms, m
 functions are attributes of :class:`LayerFactorKernels`, which :attr:`BaseInfluenceModel.layer_factors` owns.
 """
 import functools
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from .autodiff import LossKernels
+from .autodiff import LossKernels, traced_with_overrides
 from .factor_plan import CallRecord, FactorPlan, LayerPlan, build_plan, replaced_calls
 from .layer_factors import BatchFactors, LayerFactors
-from .pfor_converters import per_sample_converters
+from .pfor_converters import vectorized_per_sample
 
 LayerTensors = Tuple[Optional[tf.Tensor], Optional[tf.Tensor], Tuple[tf.Tensor, ...]]
 
 
 def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     """``tf.function`` without AutoGraph, kept out of it even when called from converted code (``tf.data`` maps),
-    whose conversion status a ``tf.function(autograph=False)`` would inherit otherwise."""
-    return tf.function(tf.autograph.experimental.do_not_convert(function), autograph=False, reduce_retracing=True)
-
-
-def _vectorized(function: Callable[[Any], tf.Tensor], elements: Any) -> tf.Tensor:
-    """``tf.vectorized_map`` over the batch; with a while loop for the ops pfor cannot convert (found when
-    tracing), and a warning."""
-    try:
-        with per_sample_converters():
-            return tf.vectorized_map(function, elements, fallback_to_while_loop=False)
-    except (ValueError, NotImplementedError, TypeError) as error:
-        warnings.warn(f"Per-sample gradients could not be fully vectorized ({type(error).__name__}: "
-                      f"{str(error)[:200]}); falling back to a slower while loop for the unsupported ops.",
-                      RuntimeWarning, stacklevel=2)
-        return tf.vectorized_map(function, elements, fallback_to_while_loop=True)
+    whose conversion status a ``tf.function(autograph=False)`` would inherit otherwise; traced with the library's
+    gradient overrides (:mod:`.gradient_overrides`), like the loss kernels."""
+    return tf.function(tf.autograph.experimental.do_not_convert(traced_with_overrides(function)), autograph=False,
+                       reduce_retracing=True)
 
 
 def _watched_kernel(plan: LayerPlan) -> Optional[Any]:
@@ -98,7 +86,7 @@ def _local_gradients(plan: LayerPlan, calls: Sequence[CallRecord], gradients: Se
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return tf.concat([tf.reshape(part, [-1]) for part in parts], axis=0)
 
-        gradient = _vectorized(one_sample, (call.inputs, output_gradients))
+        gradient = vectorized_per_sample(one_sample, (call.inputs, output_gradients))
         total = gradient if total is None else total + gradient
     sizes = [int(np.prod([int(size) for size in weight.shape])) for weight in weights]
     return [tf.cast(part, dtype) for part in tf.split(total, sizes, axis=1)]
@@ -230,7 +218,7 @@ class LayerFactorKernels:
             return tape.gradient(loss, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
         samples = (inputs, targets) if sample_weight is None else (inputs, targets, sample_weight)
-        gradients = _vectorized(one_sample, samples)
+        gradients = vectorized_per_sample(one_sample, samples)
         return [tf.cast(part, kernels.dtype) for part in tf.split(gradients, sizes, axis=1)]
 
 

@@ -49,6 +49,8 @@ class FisherOperator(CurvatureOperator):
         it from the Keras loss.
     memory_budget_bytes
         Of the executor (a batch's (C·B, P) gradient rows are held at once).
+    verbose
+        Progress bars of the passes over ``train_set`` (None: interactive sessions only).
 
     Raises
     ------
@@ -57,7 +59,8 @@ class FisherOperator(CurvatureOperator):
     """
 
     def __init__(self, model: BaseInfluenceModel, train_set: tf.data.Dataset, kind: str = "true",
-                 from_logits: Optional[bool] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES):
+                 from_logits: Optional[bool] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+                 verbose: Optional[bool] = None):
         super().__init__(model)
         if kind not in FISHER_KINDS:
             raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}.")
@@ -71,7 +74,7 @@ class FisherOperator(CurvatureOperator):
         self.kind = kind
         self.from_logits = from_logits
         self.train_set = train_set
-        self._executor = Executor(memory_budget_bytes=memory_budget_bytes)
+        self._executor = Executor(verbose=verbose, memory_budget_bytes=memory_budget_bytes)
 
     def gradient_rows(self, batch: Tuple) -> tf.Tensor:
         """Rows R whose Gram matrix ``Rᵀ R`` is the batch's summed Fisher: (B, P) (empirical) or (C·B, P) (true)."""

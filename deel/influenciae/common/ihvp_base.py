@@ -134,6 +134,12 @@ class InverseHessianVectorProduct(ABC):
         self.fit()
         return self.inverse_quadratic_form(vectors)
 
+    def batch_quadratic_form(self, batch: Tuple) -> tf.Tensor:
+        """``g(z)ᵀ (H + λI)⁻¹ g(z)`` for every sample z of a batch of ``(x, y)``: (B,) (self-influence). From the
+        per-sample gradients by default; solvers with a cheaper form (K-FAC) override it."""
+        self.fit()
+        return self.inverse_quadratic_form(tf.transpose(self.model.batch_jacobian_tensor(batch)))
+
     # Hooks ---------------------------------------------------------------------------------------
     @abstractmethod
     def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:

@@ -11,6 +11,7 @@ from ..utils.progress import LOGGER
 from ..utils.tf_operations import dataset_size
 from .autodiff import compile_function
 from .curvature import CurvatureOperator, HessianOperator
+from .gauss_newton import CurvatureSpec, check_curvature, resolve_curvature
 from .executor import Executor
 from .ihvp_base import InverseHessianVectorProduct, check_regularization
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES, structure_bytes
@@ -44,8 +45,11 @@ class IterativeIHVP(InverseHessianVectorProduct):
     hvp_batch_size
         Batch size of the cached features for the HVP passes (default: the dataset's first batch size).
     curvature
-        A curvature operator whose products are used as they are (no cut, no cached features); default: the
-        Hessian of the head over ``train_dataset``.
+        ``"hessian"`` (or None, the default): the Hessian of the head over ``train_dataset``; ``"gauss_newton"``: the
+        Gauss–Newton matrix of the head over ``train_dataset``
+        (:class:`~deel.influenciae.common.gauss_newton.GaussNewtonOperator` on the cached head inputs; positive
+        semi-definite for losses convex in the outputs, so CG converges and LiSSA does not diverge for every
+        λ > 0); or a curvature operator whose products are used as they are (no cut, no cached features).
 
     Attributes
     ----------
@@ -61,9 +65,10 @@ class IterativeIHVP(InverseHessianVectorProduct):
     def __init__(self, model: BaseInfluenceModel, extractor_layer: Optional[Union[int, str]],
                  train_dataset: tf.data.Dataset, n_opt_iters: int = 100,
                  feature_extractor: Optional[keras.Model] = None, regularization: float = 0.0,
-                 hvp_batch_size: Optional[int] = None, curvature: Optional[CurvatureOperator] = None):
+                 hvp_batch_size: Optional[int] = None, curvature: CurvatureSpec = None):
         super().__init__(model, train_dataset)
-        if train_dataset is None and curvature is None:
+        curvature = check_curvature(curvature)
+        if train_dataset is None and not isinstance(curvature, CurvatureOperator):
             raise ValueError(f"{type(self).__name__} needs a train_dataset (or a curvature operator).")
         self._given_curvature = curvature
         if int(n_opt_iters) < 1:
@@ -84,13 +89,19 @@ class IterativeIHVP(InverseHessianVectorProduct):
         self.feature_dataset = self.curvature = self.hessian_vector_product = self._batch_shape = None
 
     def _fit(self) -> None:
-        """Cache the head's inputs over the training set and build the Hessian operator of the head (a given
-        curvature operator is used as it is)."""
-        if self._given_curvature is not None:
+        """Cache the head's inputs over the training set and build the curvature operator of the head (Hessian or
+        Gauss–Newton); a given curvature operator is used as it is."""
+        if isinstance(self._given_curvature, CurvatureOperator):
             self.curvature = self._given_curvature
             self.hessian_vector_product = self.curvature.matvec
             return
         self.feature_dataset = self._cache_features(self.train_set, self.hvp_batch_size)
+        operator = resolve_curvature(self._given_curvature, self.head_model, self.feature_dataset,
+                                     memory_budget_bytes=self.memory_budget_bytes, chunk_size=self.hvp_batch_size)
+        if operator is not None:
+            self.curvature = operator
+            self.hessian_vector_product = operator.matvec
+            return
         self.curvature = HessianOperator(self.head_model, self.feature_dataset, chunk_size=self.hvp_batch_size,
                                          memory_budget_bytes=self.memory_budget_bytes)
         self.hessian_vector_product = self.curvature.products
@@ -183,7 +194,7 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
                  train_dataset: Optional[tf.data.Dataset] = None, n_opt_iters: int = 100,
                  feature_extractor: Optional[keras.Model] = None, regularization: float = 0.0,
                  hvp_batch_size: Optional[int] = None, tol: float = 1e-3, atol: float = 1e-5, block: bool = True,
-                 recycle_directions: int = 0, *, curvature: Optional[CurvatureOperator] = None,
+                 recycle_directions: int = 0, *, curvature: CurvatureSpec = None,
                  fit_now: bool = True):
         super().__init__(model, extractor_layer, train_dataset, n_opt_iters, feature_extractor, regularization,
                          hvp_batch_size, curvature)
@@ -275,7 +286,7 @@ class LissaIHVP(IterativeIHVP):
                  train_dataset: Optional[tf.data.Dataset] = None, n_opt_iters: int = 100,
                  feature_extractor: Optional[keras.Model] = None, damping: float = 1e-4, scale: float = 10.,
                  regularization: float = 0.0, hvp_batch_size: Optional[int] = None, *,
-                 curvature: Optional[CurvatureOperator] = None, fit_now: bool = True):
+                 curvature: CurvatureSpec = None, fit_now: bool = True):
         if not 0 <= damping < 1:
             raise ValueError(f"damping must be in [0, 1), got {damping}.")
         if scale <= 0:
@@ -369,6 +380,7 @@ class ConjugateGradientConfig(SolverConfig):
     extractor_layer: Optional[Union[int, str]] = None
     feature_extractor: Optional[Any] = None
     hvp_batch_size: Optional[int] = None
+    curvature: CurvatureSpec = "hessian"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +393,7 @@ class LissaConfig(SolverConfig):
     extractor_layer: Optional[Union[int, str]] = None
     feature_extractor: Optional[Any] = None
     hvp_batch_size: Optional[int] = None
+    curvature: CurvatureSpec = "hessian"
 
 
 register_solver("cgd", ConjugateGradientDescentIHVP, ConjugateGradientConfig, aliases=("cg", "conjugate_gradients"),

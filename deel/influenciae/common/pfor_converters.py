@@ -21,6 +21,7 @@ TensorFlow's rewrites are replaced while :func:`per_sample_converters` is active
 This relies on TensorFlow's private pfor converter registry; if that registry is not found, nothing is changed.
 """
 import contextlib
+import warnings
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import tensorflow as tf
@@ -118,3 +119,16 @@ def per_sample_converters() -> Iterator[None]:
         for name, original in originals.items():
             if original is not None:
                 registry[name] = original
+
+
+def vectorized_per_sample(function: Callable[[Any], tf.Tensor], elements: Any, what: str = "Per-sample gradients"
+                          ) -> tf.Tensor:
+    """``tf.vectorized_map(function, elements)`` over the batch with the library's converters; when pfor cannot
+    convert an op (found while tracing), a while loop for those ops, with a ``RuntimeWarning`` naming ``what``."""
+    try:
+        with per_sample_converters():
+            return tf.vectorized_map(function, elements, fallback_to_while_loop=False)
+    except (ValueError, NotImplementedError, TypeError) as error:
+        warnings.warn(f"{what} could not be fully vectorized ({type(error).__name__}: {str(error)[:200]}); falling "
+                      "back to a slower while loop for the unsupported ops.", RuntimeWarning, stacklevel=3)
+        return tf.vectorized_map(function, elements, fallback_to_while_loop=True)

@@ -74,8 +74,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         """Self-influence ``g(z)ᵀ v(z)``: (B, 1); gradients are computed once. Without RelatIF this is the
         solver's inverse quadratic form ``g(z)ᵀ (H + λI)⁻¹ g(z)`` (one triangular solve for a Cholesky factor)."""
         if not self.normalize:
-            gradients = self.model.batch_jacobian_tensor(train_samples)
-            return self.ihvp_calculator.quadratic_form(tf.transpose(gradients))[:, None]
+            return self.ihvp_calculator.batch_quadratic_form(train_samples)[:, None]
         gradients, vectors = self._gradients_and_vectors(train_samples)
         return tf.reduce_sum(gradients * vectors, axis=1, keepdims=True)
 
