@@ -64,9 +64,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="training batch size (factors and scores)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed (true-Fisher label sampling)")
     parser.add_argument("--warmup", action="store_true", help="run the first strategy once, untimed, first")
+    parser.add_argument("--dump-factors", type=Path, default=None,
+                        help="save every strategy's fitted factors (kronfluence's names) to this .npz")
     parser.add_argument("--fisher-repeats", type=int, default=1,
                         help="fit the factors on the training set repeated this many times (default %(default)s)")
     args = parser.parse_args()
+    args.dumped = {}
     args.damping_values = [float(value) for value in args.dampings.split(",") if value.strip()]
     args.methods = [name.strip() for name in args.strategies.split(",") if name.strip()]
     unknown = sorted(set(args.methods) - set(STRATEGIES))
@@ -98,6 +101,11 @@ def fit_and_score(analyzer: Analyzer, method: str, datasets: Tuple[torch.utils.d
     analyzer.fit_all_factors(factors_name=method, dataset=fit_set, per_device_batch_size=args.batch_size,
                              factor_args=factor_args, overwrite_output_dir=True)
     fit_seconds = time.perf_counter() - start
+    if args.dump_factors is not None:
+        factors = analyzer.load_all_factors(factors_name=method)
+        args.dumped.update({f"{method}__{kind}__{module}": tensor.double().numpy()
+                            for kind, per_module in factors.items() for module, tensor in per_module.items()
+                            if tensor is not None})
     results: Dict[str, Tuple[np.ndarray, float]] = {}
     dampings: List[Optional[float]] = [None, *args.damping_values]
     for damping in dampings:
@@ -151,6 +159,8 @@ def main() -> int:
             print(f"  kronfluence {method:16s} fit {fit_seconds:6.2f}s, scores "
                   + " ".join(f"{suffix} {seconds:.2f}s" for suffix, (_, seconds) in results.items()), flush=True)
     out["rss_mib"] = np.float64(common.peak_rss_mib())
+    if args.dump_factors is not None:
+        np.savez(args.dump_factors, **args.dumped)
     np.savez(args.output, **out)
     return 0
 

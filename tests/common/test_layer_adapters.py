@@ -8,7 +8,7 @@ import tensorflow as tf
 from deel.influenciae.common import BaseInfluenceModel, InfluenceModel, LayerAdapter, register_layer_adapter
 from deel.influenciae.common.factor_plan import LayerPlan, replaced_calls
 from deel.influenciae.common.layer_adapters import (CallFactors, Conv2DAdapter, DenseAdapter, EinsumDenseAdapter,
-                                                    LayerNormalizationAdapter, layer_adapter)
+                                                    LayerNormalizationAdapter, image_patches, layer_adapter)
 from tests.per_sample import tape_gradients
 
 
@@ -294,3 +294,31 @@ def test_the_original_call_is_restored_after_tracing_and_after_an_exception():
             assert not any(_own_call(layer) for layer in model.layers[::2])
             raise KeyError("inside the block")
     assert all(_own_call(layer) for layer in model.layers)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel_size, strides, dilation", [((3, 3), (1, 1), (1, 1)), ((2, 3), (2, 2), (1, 1)),
+                                                            ((3, 2), (2, 1), (1, 1)), ((3, 3), (1, 1), (2, 2)),
+                                                            ((1, 1), (2, 2), (1, 1))])
+def test_image_patches_are_the_patches_of_an_explicit_im2col(padding, kernel_size, strides, dilation):
+    """Strided slices of the padded input equal an explicit NumPy im2col (TensorFlow's "SAME" rule: the extra
+    padding after), for odd/even sizes, rectangular kernels, strides and dilations, and have the layer's output
+    positions."""
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(2, 7, 8, 3))
+    layer = keras.layers.Conv2D(4, kernel_size, strides=strides, dilation_rate=dilation, padding=padding)
+    outputs = layer(images)
+    span = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+    counts = [-(-n // s) if padding == "same" else (n - e) // s + 1 for n, s, e in zip((7, 8), strides, span)]
+    totals = [max((c - 1) * s + e - n, 0) if padding == "same" else 0
+              for c, s, e, n in zip(counts, strides, span, (7, 8))]
+    padded = np.pad(images, ((0, 0), (totals[0] // 2, totals[0] - totals[0] // 2),
+                             (totals[1] // 2, totals[1] - totals[1] // 2), (0, 0)))
+    expected = np.zeros((2, counts[0], counts[1], kernel_size[0] * kernel_size[1] * 3))
+    for row, column in np.ndindex(*counts):
+        top, left = row * strides[0], column * strides[1]
+        window = padded[:, top:top + span[0]:dilation[0], left:left + span[1]:dilation[1], :]
+        expected[:, row, column] = window.reshape(2, -1)
+    patches = image_patches(layer, tf.constant(images))
+    assert tuple(patches.shape[1:3]) == tuple(outputs.shape[1:3]) == tuple(counts)
+    np.testing.assert_array_equal(patches.numpy(), expected)

@@ -15,18 +15,26 @@ Everything runs in one compiled function per product (pairwise, squared norms, m
 functions are attributes of :class:`LayerFactorKernels`, which :attr:`BaseInfluenceModel.layer_factors` owns.
 """
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from .autodiff import LossKernels, traced_with_overrides
-from .factor_plan import CallRecord, FactorPlan, LayerPlan, build_plan, replaced_calls
+from .factor_plan import CallRecord, FactorPlan, LayerPlan, batch_specs, build_plan, replaced_calls
+from .layer_adapters import RowMoments
 from .layer_factors import BatchFactors, LayerFactors
 from .pfor_converters import vectorized_per_sample
 
 LayerTensors = Tuple[Optional[tf.Tensor], Optional[tf.Tensor], Tuple[tf.Tensor, ...]]
+
+
+class RowShortcuts(NamedTuple):
+    """Ways to use a layer's rows without forming them (see :class:`.LayerFactors`), None when it has none."""
+
+    moments: Optional[RowMoments] = None
+    windows: Optional[Callable[[], List[tf.Tensor]]] = None
 
 
 def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -37,6 +45,32 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
                        reduce_retracing=True)
 
 
+class _BatchCompiled:
+    """:func:`_compiled` ``function`` whose first call traces it for arguments of any first dimension (see
+    :func:`compiled_for_batches`)."""
+
+    def __init__(self, function: Callable[..., Any]):
+        self._function = _compiled(function)
+        self._primed = False
+
+    def __call__(self, *args: Any) -> Any:
+        if not self._primed:
+            self._function.get_concrete_function(*batch_specs(args, None))
+            self._primed = True
+        return self._function(*args)
+
+    def experimental_get_tracing_count(self) -> int:
+        """Number of traces so far (as ``tf.function``'s)."""
+        return self._function.experimental_get_tracing_count()
+
+
+def compiled_for_batches(function: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`_compiled` ``function``, traced at its first call for arguments shaped like that call's with any first
+    dimension: every batch of a pass, the last smaller one included, then runs the same graph (one trace per pass
+    instead of two; a call with another structure or dtype still traces anew)."""
+    return _BatchCompiled(function)
+
+
 def _watched_kernel(plan: LayerPlan) -> Optional[Any]:
     """The layer's kernel when it is watched, else None."""
     kernel = plan.adapter.kernel(plan.layer)
@@ -44,7 +78,7 @@ def _watched_kernel(plan: LayerPlan) -> Optional[Any]:
 
 
 def _layer_tensors(plan: LayerPlan, calls: Sequence[CallRecord], gradients: Sequence[tf.Tensor],
-                   dtype: tf.DType) -> LayerTensors:
+                   dtype: tf.DType) -> Tuple[LayerTensors, "RowShortcuts"]:
     """(rows, output gradients, closed forms of the watched non-kernel weights) of a factored layer; the calls of
     a layer called several times are more positions of each sample."""
     adapter, layer = plan.adapter, plan.layer
@@ -65,7 +99,15 @@ def _layer_tensors(plan: LayerPlan, calls: Sequence[CallRecord], gradients: Sequ
         if weight is not kernel:
             index = next(number for number, candidate in enumerate(every) if candidate is weight)
             closed.append(tf.cast(tf.add_n([part.closed_forms[index] for part in parts]), dtype))
-    return rows, deltas, tuple(closed)
+    shortcuts = RowShortcuts()
+    if kernel is not None and all(part.row_moments is not None for part in parts):
+        def moments(moments_dtype: tf.DType) -> Tuple[tf.Tensor, tf.Tensor]:
+            products, sums = zip(*(part.row_moments(moments_dtype) for part in parts))
+            return tf.add_n(products), tf.add_n(sums)
+        shortcuts = shortcuts._replace(moments=moments)
+    if kernel is not None and len(parts) == 1 and parts[0].row_windows is not None:
+        shortcuts = shortcuts._replace(windows=lambda: [tf.cast(window, dtype) for window in parts[0].row_windows()])
+    return (rows, deltas, tuple(closed)), shortcuts
 
 
 def _local_gradients(plan: LayerPlan, calls: Sequence[CallRecord], gradients: Sequence[tf.Tensor],
@@ -112,14 +154,17 @@ class LayerFactorKernels:
     """
 
     def __init__(self, kernels: LossKernels):
+        self._traced_shortcuts: List[RowShortcuts] = []
         self.kernels = kernels
         self.plan: Optional[FactorPlan] = None
-        self._flat_factors: Callable[[Tuple], Tuple] = _compiled(self._flat_tensors)
-        self._pairwise: Callable[[Tuple, Tuple], tf.Tensor] = _compiled(
+        # Traced once for any batch size (a dataset's last, smaller batch does not trace them again).
+        self._flat_factors: Callable[[Tuple], Tuple] = compiled_for_batches(self._flat_tensors)
+        self._pairwise: Callable[[Tuple, Tuple], tf.Tensor] = compiled_for_batches(
             lambda left, right: self.in_graph(left).pairwise(self.in_graph(right)))
-        self._squared_norms: Callable[[Tuple], tf.Tensor] = _compiled(
+        self._squared_norms: Callable[[Tuple], tf.Tensor] = compiled_for_batches(
             lambda batch: self.in_graph(batch).squared_norms())
-        self._gradients: Callable[[Tuple], tf.Tensor] = _compiled(lambda batch: self.in_graph(batch).gradients())
+        self._gradients: Callable[[Tuple], tf.Tensor] = compiled_for_batches(
+            lambda batch: self.in_graph(batch).gradients())
         self.weighted_products: Dict[Tuple[int, ...], "WeightedProducts"] = {}
 
     def plan_for(self, batch: Tuple) -> FactorPlan:
@@ -140,7 +185,7 @@ class LayerFactorKernels:
         batch = tuple(batch)
         plan = self.plan_for(batch)
         layers, materialised = self._flat_tensors(batch)
-        return self._assemble(plan, layers, materialised)
+        return self._assemble(plan, layers, materialised, self._traced_shortcuts)
 
     def pairwise(self, left: Tuple, right: Tuple) -> tf.Tensor:
         """``⟨g_i, g_j⟩`` for every sample i of ``left`` and j of ``right``: (B_left, B_right)."""
@@ -158,16 +203,18 @@ class LayerFactorKernels:
         return self._gradients(tuple(batch))
 
     # Building ----------------------------------------------------------------------------------------------------
-    def _assemble(self, plan: FactorPlan, layers: Sequence[LayerTensors],
-                  materialised: Sequence[tf.Tensor]) -> BatchFactors:
+    def _assemble(self, plan: FactorPlan, layers: Sequence[LayerTensors], materialised: Sequence[tf.Tensor],
+                  shortcuts: Sequence[RowShortcuts] = ()) -> BatchFactors:
         factors = []
-        for layer_plan, (rows, deltas, closed) in zip(plan.factored, layers):
+        shortcuts = list(shortcuts) or [RowShortcuts()] * len(layers)
+        for layer_plan, (rows, deltas, closed), shortcut in zip(plan.factored, layers, shortcuts):
             adapter, layer = layer_plan.adapter, layer_plan.layer
             kernel = _watched_kernel(layer_plan)
             others = [weight for weight in layer_plan.weights if weight is not kernel]
             factors.append(LayerFactors(layer, rows, deltas, kernel=kernel, closed_forms=list(zip(others, closed)),
                                         vocabulary=adapter.vocabulary(layer),
-                                        kernel_layout=functools.partial(adapter.kernel_layout, layer)))
+                                        kernel_layout=functools.partial(adapter.kernel_layout, layer),
+                                        row_moments=shortcut.moments, row_windows=shortcut.windows))
         weights = [weight for layer_plan in plan.local for weight in layer_plan.weights]
         weights += [self.kernels.watched[position] for position in plan.materialised]
         return BatchFactors(self.kernels.watched, factors, list(zip(weights, materialised)))
@@ -178,6 +225,8 @@ class LayerFactorKernels:
         plan, kernels = self.plan_for(batch), self.kernels
         layers: List[LayerTensors] = []
         materialised: List[tf.Tensor] = []
+        # Functions of this trace's tensors, read by in_graph right after (they cannot be outputs of a tf.function).
+        self._traced_shortcuts = shortcuts = []
         if plan.patched:
             inputs, targets, sample_weight = kernels.process_batch(batch)
             values = kernels.unflatten(kernels.flat_weights())
@@ -190,7 +239,9 @@ class LayerFactorKernels:
             for layer_plan, calls in zip(plan.patched, records):
                 gradients = [next(flat) for _ in calls]
                 if layer_plan.adapter is not None:
-                    layers.append(_layer_tensors(layer_plan, calls, gradients, kernels.dtype))
+                    tensors, layer_shortcuts = _layer_tensors(layer_plan, calls, gradients, kernels.dtype)
+                    layers.append(tensors)
+                    shortcuts.append(layer_shortcuts)
                 else:
                     materialised.extend(_local_gradients(layer_plan, calls, gradients, kernels.dtype))
         if plan.materialised:

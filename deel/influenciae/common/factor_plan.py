@@ -233,8 +233,9 @@ def _used_elsewhere(plan: LayerPlan, calls: List[CallRecord], values: List[tf.Te
     return False
 
 
-def _batch_specs(batch: Tuple, batch_size: Optional[int]) -> Tuple:
-    """Specs of a batch's tensors with the first dimension replaced by ``batch_size``."""
+def batch_specs(batch: Tuple, batch_size: Optional[int]) -> Tuple:
+    """Specs of a batch's tensors with the first dimension replaced by ``batch_size`` (None: any size; scalars are
+    kept as they are)."""
 
     def spec(value: Any) -> Any:
         if value is None:
@@ -275,7 +276,7 @@ def build_plan(kernels: LossKernels, batch: Tuple) -> FactorPlan:
 
     if candidates:
         function = tf.function(tf.autograph.experimental.do_not_convert(trace), autograph=False)
-        function.get_concrete_function(_batch_specs(batch, _PLAN_BATCH), _batch_specs(batch, None))
+        function.get_concrete_function(batch_specs(batch, _PLAN_BATCH), batch_specs(batch, None))
     kept = [plan for number, plan in enumerate(candidates) if number not in rejected]
     covered = {position for plan in kept for position in plan.positions}
     return FactorPlan(factored=tuple(plan for plan in kept if plan.adapter is not None),

@@ -20,8 +20,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from .autodiff import traced_with_overrides
 from .executor import Executor
+from .factor_kernels import compiled_for_batches
 from .kfac_ihvp import KFACIHVP
 from .kronecker_blocks import KroneckerBlock, block_matrices, block_rows, split_vectors
 from ..utils.tf_operations import assert_batched_dataset
@@ -67,8 +67,7 @@ class CompressedQueries:
         parts = split_vectors(preconditioned, model.kernels.sizes)
         self.queries: List[BlockQuery] = [self._compress(block_matrices(block, parts)) for block in solver.blocks]
         self.nb_queries = int(gradients.shape[0])
-        self._score = tf.function(tf.autograph.experimental.do_not_convert(traced_with_overrides(self._batch_scores)),
-                                  autograph=False, reduce_retracing=True)
+        self._score = compiled_for_batches(self._batch_scores)
 
     def _compress(self, matrices: tf.Tensor) -> BlockQuery:
         """(T, rows, out) -> (L, R) of rank r (singular values folded into L), or the matrices themselves."""

@@ -202,13 +202,23 @@ def block_rows(block: KroneckerBlock, rows: tf.Tensor, dtype: tf.DType) -> tf.Te
     return flat
 
 
-def activation_sum(block: KroneckerBlock, rows: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-    """``Σ_{i,p} a aᵀ``: (rows, rows); for token ids the diagonal, the count of each token: (vocabulary,)."""
+def activation_sum(block: KroneckerBlock, layer: LayerFactors, dtype: tf.DType) -> tf.Tensor:
+    """``Σ_{i,p} a aᵀ``: (rows, rows) (with the homogeneous coordinate: ``[[Σ a aᵀ, Σ a], [Σ aᵀ, B·T]]``); for token
+    ids the diagonal, the count of each token: (vocabulary,). From the layer's ``row_moments`` when it has them
+    (a stride-1 convolution: its patches are then not formed), else from its rows."""
+    rows = layer.inputs
     if block.diagonal_rows:
         ids = tf.reshape(tf.cast(rows, tf.int32), [-1])
         return tf.math.unsorted_segment_sum(tf.ones_like(ids, dtype=dtype), ids, block.in_size)
-    flat = block_rows(block, rows, dtype)
-    return tf.matmul(flat, flat, transpose_a=True)
+    if layer.row_moments is None:
+        flat = block_rows(block, rows, dtype)
+        return tf.matmul(flat, flat, transpose_a=True)
+    products, sums = layer.row_moments(dtype)
+    if not block.homogeneous:
+        return products
+    count = tf.cast(tf.size(layer.output_gradients) // block.out_size, dtype)
+    return tf.concat([tf.concat([products, sums[:, None]], axis=1),
+                      tf.concat([sums, count[None]], axis=0)[None, :]], axis=0)
 
 
 def gradient_sum(deltas: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
@@ -227,58 +237,72 @@ def _prefers_forming(block: KroneckerBlock, positions: Optional[int]) -> bool:
                                                                                           + rows * out)
 
 
-def rotated_gradients(block: KroneckerBlock, rows: tf.Tensor, deltas: tf.Tensor, rows_basis: tf.Tensor,
+def _rotated_transposed(block: KroneckerBlock, layer: LayerFactors, rows_basis: tf.Tensor,
+                        outputs_basis: tf.Tensor) -> tf.Tensor:
+    """``(Q_Aᵀ G_i Q_S)ᵀ``: (B, out, rows), in the bases' dtype (products that transpose the output gradients, the
+    smaller side, rather than the rows)."""
+    dtype = outputs_basis.dtype
+    deltas = tf.cast(layer.output_gradients, dtype)
+    count = tf.shape(deltas)[0]
+    deltas = tf.reshape(deltas, tf.stack([count, -1, block.out_size]))
+    if _prefers_forming(block, layer.positions):
+        if layer.row_windows is not None:  # G_iᵀ from the convolution's input windows, without its patches
+            parts = [tf.matmul(deltas, tf.cast(window, dtype), transpose_a=True) for window in layer.row_windows()]
+        else:
+            rows = tf.reshape(tf.cast(layer.inputs, dtype), tf.stack([count, -1, block.in_size]))
+            parts = [tf.matmul(deltas, rows, transpose_a=True)]
+        if block.homogeneous:
+            parts.append(tf.reduce_sum(deltas, axis=1)[:, :, None])
+        transposed = tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
+        return tf.matmul(tf.matmul(outputs_basis, transposed, transpose_a=True), rows_basis)
+    flat_rows = block_rows(block, layer.inputs, dtype)
+    rotated_rows = tf.reshape(tf.matmul(flat_rows, rows_basis), tf.stack([count, -1, block.rows]))
+    rotated_deltas = tf.reshape(tf.matmul(tf.reshape(deltas, [-1, block.out_size]), outputs_basis), tf.shape(deltas))
+    return tf.matmul(rotated_deltas, rotated_rows, transpose_a=True)
+
+
+def rotated_gradients(block: KroneckerBlock, layer: LayerFactors, rows_basis: tf.Tensor,
                       outputs_basis: tf.Tensor) -> tf.Tensor:
     """Per-sample gradients in the Kronecker eigenbasis, ``Q_Aᵀ G_i Q_S = Σ_p (Q_Aᵀ a_p)(Q_Sᵀ δ_p)ᵀ``:
     (B, rows, out), for a block with float rows (not an embedding). With many positions per sample (convolutions)
-    ``G_i`` is formed first and rotated (cheaper); otherwise the rows and output gradients are rotated."""
-    dtype = outputs_basis.dtype
-    count = tf.shape(deltas)[0]
-    flat_rows = block_rows(block, rows, dtype)
-    flat_deltas = tf.reshape(tf.cast(deltas, dtype), [-1, block.out_size])
-    positions = tf.shape(flat_rows)[0] // count
-    if _prefers_forming(block, deltas.shape[1] if deltas.shape.rank == 3 else None):
-        gradients = tf.matmul(tf.reshape(flat_rows, tf.stack([count, positions, block.rows])),
-                              tf.reshape(flat_deltas, tf.stack([count, positions, block.out_size])), transpose_a=True)
-        rotated = tf.einsum("ji,bjo->bio", rows_basis, gradients)
-        return tf.matmul(rotated, outputs_basis)
-    rotated_rows = tf.matmul(flat_rows, rows_basis)
-    rotated_deltas = tf.matmul(flat_deltas, outputs_basis)
-    return tf.matmul(tf.reshape(rotated_rows, tf.stack([count, positions, block.rows])),
-                     tf.reshape(rotated_deltas, tf.stack([count, positions, block.out_size])), transpose_a=True)
+    ``G_i`` is formed first (from the input windows when the layer has them) and rotated (cheaper); otherwise the
+    rows and output gradients are rotated."""
+    return tf.transpose(_rotated_transposed(block, layer, rows_basis, outputs_basis), [0, 2, 1])
 
 
-def _token_sums(block: KroneckerBlock, rows: tf.Tensor, deltas: tf.Tensor, outputs_basis: tf.Tensor
+def _token_sums(block: KroneckerBlock, layer: LayerFactors, outputs_basis: tf.Tensor
                 ) -> Tuple[tf.Tensor, tf.Tensor]:
     """An embedding's rotated gradients, one row per (sample, token) present: ``(sums (U, out), slots (U,))`` with
     ``slot = sample · vocabulary + token`` (the (B, vocabulary, out) gradients are never formed)."""
+    deltas = layer.output_gradients
     count = tf.shape(deltas)[0]
     rotated = tf.matmul(tf.reshape(tf.cast(deltas, outputs_basis.dtype), [-1, block.out_size]), outputs_basis)
-    ids = tf.reshape(tf.cast(rows, tf.int64), [count, -1])
+    ids = tf.reshape(tf.cast(layer.inputs, tf.int64), [count, -1])
     slots = tf.reshape(ids + tf.range(tf.cast(count, tf.int64))[:, None] * block.in_size, [-1])
     unique, where = tf.unique(slots)
     return tf.math.unsorted_segment_sum(rotated, where, tf.shape(unique)[0]), unique
 
 
-def squared_rotated_sum(block: KroneckerBlock, rows: tf.Tensor, deltas: tf.Tensor, rows_basis: Optional[tf.Tensor],
+def squared_rotated_sum(block: KroneckerBlock, layer: LayerFactors, rows_basis: Optional[tf.Tensor],
                         outputs_basis: tf.Tensor) -> tf.Tensor:
     """``Σ_i (Q_Aᵀ G_i Q_S)²`` (elementwise): (rows, out)."""
     if block.diagonal_rows:
-        sums, slots = _token_sums(block, rows, deltas, outputs_basis)
+        sums, slots = _token_sums(block, layer, outputs_basis)
         return tf.math.unsorted_segment_sum(tf.square(sums), slots % block.in_size, block.in_size)
-    return tf.reduce_sum(tf.square(rotated_gradients(block, rows, deltas, rows_basis, outputs_basis)), axis=0)
+    return tf.transpose(tf.reduce_sum(tf.square(_rotated_transposed(block, layer, rows_basis, outputs_basis)),
+                                      axis=0))
 
 
-def weighted_rotated_norms(block: KroneckerBlock, rows: tf.Tensor, deltas: tf.Tensor,
-                           rows_basis: Optional[tf.Tensor], outputs_basis: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+def weighted_rotated_norms(block: KroneckerBlock, layer: LayerFactors, rows_basis: Optional[tf.Tensor],
+                           outputs_basis: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     """``Σ_{jk} W_jk (Q_Aᵀ G_i Q_S)_jk²`` for every sample i of the batch: (B,) (W: (rows, out), e.g.
     ``1 / (Λ + λ)`` for the inverse quadratic form)."""
     if block.diagonal_rows:
-        sums, slots = _token_sums(block, rows, deltas, outputs_basis)
+        sums, slots = _token_sums(block, layer, outputs_basis)
         weighted = tf.reduce_sum(tf.square(sums) * tf.gather(weights, slots % block.in_size), axis=1)
-        return tf.math.unsorted_segment_sum(weighted, slots // block.in_size, tf.shape(deltas)[0])
-    rotated = rotated_gradients(block, rows, deltas, rows_basis, outputs_basis)
-    return tf.reduce_sum(tf.square(rotated) * weights, axis=[1, 2])
+        return tf.math.unsorted_segment_sum(weighted, slots // block.in_size, tf.shape(layer.output_gradients)[0])
+    rotated = _rotated_transposed(block, layer, rows_basis, outputs_basis)
+    return tf.reduce_sum(tf.square(rotated) * tf.transpose(weights), axis=[1, 2])
 
 
 def split_vectors(vectors: tf.Tensor, sizes: Sequence[int]) -> List[tf.Tensor]:

@@ -14,13 +14,19 @@ Built-in adapters: ``Dense``, ``EinsumDense`` (the projections of ``MultiHeadAtt
 what it cannot reproduce exactly; such a layer's weights then get materialised per-sample gradients.
 """
 import abc
+import functools
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from .conv_moments import stride_one_patch_moments
+
 Probe = Callable[[tf.Tensor], tf.Tensor]
+
+
+RowMoments = Callable[[tf.DType], Tuple[tf.Tensor, tf.Tensor]]
 
 
 class CallFactors(NamedTuple):
@@ -35,11 +41,19 @@ class CallFactors(NamedTuple):
     closed_forms
         Per-sample gradients (B, *shape) of the weights of :meth:`LayerAdapter.weights`, in that order; None in
         the kernel's place.
+    row_moments
+        Optional ``dtype -> (Σ a aᵀ (in, in), Σ a (in,))`` over the batch and positions, computed without the rows
+        (a convolution's from its input: :mod:`.conv_moments`); None when only the rows give them.
+    row_windows
+        Optional ``() -> [(B, T, C)]``: the rows as blocks of columns whose concatenation is ``inputs`` (a
+        convolution's input windows, one per kernel offset), so that products with the rows need not form them.
     """
 
     inputs: Optional[tf.Tensor]
     output_gradients: Optional[tf.Tensor]
     closed_forms: Tuple[Optional[tf.Tensor], ...]
+    row_moments: Optional[RowMoments] = None
+    row_windows: Optional[Callable[[], List[tf.Tensor]]] = None
 
 
 class LayerAdapter(abc.ABC):
@@ -275,12 +289,69 @@ class Conv2DAdapter(_KernelBiasAdapter):
 
     def factors(self, layer: keras.layers.Layer, inputs: Any, gradients: tf.Tensor) -> CallFactors:
         height, width, channels, filters = (int(size) for size in layer.kernel.shape)
-        # Each patch is flattened as (height, width, channels), the row-major order of the kernel's first axes.
-        patches = tf.image.extract_patches(inputs, sizes=[1, height, width, 1], strides=[1, *layer.strides, 1],
-                                           rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
-        return CallFactors(_rows(patches, height * width * channels), _rows(gradients, filters),
-                           _bias_closed_form(layer, gradients))
+        moments = None
+        if _has_shifted_moments(layer, inputs, gradients):
+            moments = functools.partial(stride_one_patch_moments, inputs, (height, width), layer.padding)
+        windows = patch_windows(layer, inputs)
+        flat_windows = None
+        if windows is not None:
+            flat_windows = functools.partial(lambda parts: [_rows(part, channels) for part in parts], windows)
+        return CallFactors(_rows(image_patches(layer, inputs, windows), height * width * channels),
+                           _rows(gradients, filters), _bias_closed_form(layer, gradients), moments, flat_windows)
 
+
+def _has_shifted_moments(layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor) -> bool:
+    """Whether :func:`.stride_one_patch_moments` applies: stride 1, no dilation, static sizes, and output sizes
+    at least the kernel's size - 1 (the edge bands of its windows do not overlap)."""
+    if tuple(layer.strides) != (1, 1) or tuple(layer.dilation_rate) != (1, 1):
+        return False
+    outputs = gradients.shape[1:3]
+    if None in inputs.shape[1:] or None in outputs:
+        return False
+    return all(count >= int(kernel) - 1 for count, kernel in zip(outputs, layer.kernel.shape[:2]))
+
+
+def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> Tuple[int, int, int]:
+    """(before, after, outputs) of TensorFlow's "SAME" padding along one axis."""
+    outputs = -(-size // stride)
+    total = max((outputs - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2, outputs
+
+
+def patch_windows(layer: keras.layers.Layer, inputs: tf.Tensor) -> Optional[List[tf.Tensor]]:
+    """The patches of a channels-last ``Conv2D`` call as one window of the (padded) input per kernel offset, in the
+    row-major order of the kernel's first axes: ``kh · kw`` tensors (B, out_height, out_width, C) whose concatenation
+    along channels is :func:`image_patches`; None when the input's spatial sizes are not static."""
+    kernel_size, strides, dilation = layer.kernel.shape[:2], layer.strides, layer.dilation_rate
+    sizes = inputs.shape[1:3]
+    if None in sizes:
+        return None
+    paddings, outputs = [[0, 0]], []
+    for size, kernel, stride, rate in zip(sizes, kernel_size, strides, dilation):
+        if layer.padding == "same":
+            before, after, count = _same_padding(int(size), int(kernel), stride, rate)
+        else:
+            before, after, count = 0, 0, (int(size) - (int(kernel) - 1) * rate - 1) // stride + 1
+        paddings.append([before, after])
+        outputs.append(count)
+    padded = tf.pad(inputs, paddings + [[0, 0]]) if any(sum(pair) for pair in paddings) else inputs
+    return [padded[:, row * dilation[0]:row * dilation[0] + (outputs[0] - 1) * strides[0] + 1:strides[0],
+                   column * dilation[1]:column * dilation[1] + (outputs[1] - 1) * strides[1] + 1:strides[1], :]
+            for row in range(int(kernel_size[0])) for column in range(int(kernel_size[1]))]
+
+
+def image_patches(layer: keras.layers.Layer, inputs: tf.Tensor,
+                  windows: Optional[List[tf.Tensor]] = None) -> tf.Tensor:
+    """The patches of a channels-last ``Conv2D`` call: (B, out_height, out_width, kh · kw · C), each flattened as
+    (kh, kw, C), the row-major order of the kernel's first axes. With static spatial sizes they are the
+    :func:`patch_windows` (given or computed), concatenated (1.5-3x faster than ``tf.image.extract_patches`` on
+    CPUs, same values)."""
+    windows = patch_windows(layer, inputs) if windows is None else windows
+    if windows is None:
+        return tf.image.extract_patches(inputs, sizes=[1, *layer.kernel.shape[:2], 1],
+                                        strides=[1, *layer.strides, 1], rates=[1, *layer.dilation_rate, 1],
+                                        padding=layer.padding.upper())
+    return windows[0] if len(windows) == 1 else tf.concat(windows, axis=-1)
 
 # Embedding ---------------------------------------------------------------------------------------------------------
 class EmbeddingAdapter(LayerAdapter):

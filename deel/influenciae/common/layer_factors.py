@@ -50,6 +50,12 @@ class LayerFactors:
     kernel_layout
         Maps the (B, in, out) gradients to the kernel's own layout (B, *kernel.shape); a row-major reshape when
         None.
+    row_moments
+        Optional ``dtype -> (Σ a aᵀ, Σ a)`` over the batch and positions computed without ``inputs`` (a stride-1
+        convolution's, :mod:`.conv_moments`), else None.
+    row_windows
+        Optional ``() -> [(B, T, in_u)]``, blocks of columns whose concatenation is ``inputs`` (a convolution's
+        input windows, one per kernel offset): products with the rows without forming them. Else None.
 
     Attributes
     ----------
@@ -59,7 +65,9 @@ class LayerFactors:
 
     def __init__(self, layer: Any, inputs: Optional[tf.Tensor], output_gradients: Optional[tf.Tensor],
                  kernel: Any = None, closed_forms: Sequence[Tuple[Any, tf.Tensor]] = (),
-                 vocabulary: Optional[int] = None, kernel_layout: Optional[Layout] = None):
+                 vocabulary: Optional[int] = None, kernel_layout: Optional[Layout] = None,
+                 row_moments: Optional[Callable[[tf.DType], Tuple[tf.Tensor, tf.Tensor]]] = None,
+                 row_windows: Optional[Callable[[], List[tf.Tensor]]] = None):
         if kernel is not None and (inputs is None or output_gradients is None):
             raise ValueError(f"Layer {getattr(layer, 'name', layer)!r}: a kernel needs inputs and output gradients.")
         self.layer = layer
@@ -69,6 +77,8 @@ class LayerFactors:
         self.closed_forms = list(closed_forms)
         self.vocabulary = vocabulary
         self.kernel_layout = kernel_layout
+        self.row_moments = row_moments
+        self.row_windows = row_windows
         self.weights: List[Any] = ([kernel] if kernel is not None else []) + [w for w, _ in self.closed_forms]
 
     # Sizes and the choice of product form -----------------------------------------------------------------------
