@@ -16,7 +16,7 @@ Every (model, N) runs in a fresh subprocess so that its peak resident memory is 
 * the self-influence of the N training samples, ``FirstOrderInfluenceCalculator(...,
   ihvp_calculator=ekfac).compute_influence_values(train)`` consumed, after a warm-up on a full and the short last
   batch (as ``bench_real_models.py``; the warm-up's seconds are reported: the one-time tracing); then the same
-  with the fitted solver read back with ``solve_dtype="float32"`` (when the library has that option);
+  with the fitted solver read back with ``solve_dtype="float64"`` (the default is the model's dtype, float32);
 * ``influence_matrix(test, train)`` for 100 test samples, after the same kind of warm-up;
 * wall and CPU seconds (CPU time of the process, all threads: less sensitive to the other jobs of a shared
   machine), each call's peak RSS increase over the resident memory at its start (``bench_common.PeakMemory``) and
@@ -55,8 +55,8 @@ from bench_real_models import LOSS, consume, measure, resnet, synthetic, transfo
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STAGE_METHODS = (("covariances", "_fit_covariances"), ("eigendecompositions", "_fit_eigendecompositions"),
                  ("corrected eigenvalues", "_fit_corrected_eigenvalues"))
-FLOAT32 = "solve_dtype=float32"
-TARGETS = {"EK-FAC fit + self-influence": 10.0, f"EK-FAC fit + self-influence, {FLOAT32}": 10.0,
+FLOAT64 = "solve_dtype=float64"
+TARGETS = {"EK-FAC fit + self-influence": 10.0, f"EK-FAC fit + self-influence, {FLOAT64}": 10.0,
            "pairwise (100 tests x N)": 5.0}
 
 
@@ -166,14 +166,14 @@ def scaled(timing: Dict[str, float], factor: float) -> Dict[str, float]:
     return {key: value * factor for key, value in timing.items()}
 
 
-def float32_twin(ekfac: Any, model: Any, train: tf.data.Dataset) -> Optional[Any]:
-    """The fitted EK-FAC solver with ``solve_dtype="float32"`` (its products in float32), read back from
+def float64_twin(ekfac: Any, model: Any, train: tf.data.Dataset) -> Optional[Any]:
+    """The fitted EK-FAC solver with ``solve_dtype="float64"`` (its products in float64), read back from
     :meth:`save` without refitting; None when the library has no ``solve_dtype``."""
     if "solve_dtype" not in inspect.signature(type(ekfac).__init__).parameters:
         return None
     with tempfile.TemporaryDirectory() as directory:
         # load() takes λ from its arguments (it is not saved with the factors).
-        return type(ekfac).load(ekfac.save(directory), model, train, solve_dtype="float32", verbose=False,
+        return type(ekfac).load(ekfac.save(directory), model, train, solve_dtype="float64", verbose=False,
                                 regularization=ekfac.regularization, damping_heuristic=ekfac.damping_heuristic)
 
 
@@ -184,7 +184,7 @@ def profile(rows: Rows, influence_model: Any, solvers: Dict[str, Any], train: tf
     gradients then ``quadratic_form``; ``batch_quadratic_form`` from the layers' factors) in each solve dtype, of
     the corrected-eigenvalue statistic and of the pairwise pieces."""
     # pylint: disable=protected-access
-    ekfac = solvers["float64"]
+    ekfac = solvers["float32"]
     blocks = ekfac.blocks
     for stage, attribute in STAGE_METHODS:
         method = getattr(type(ekfac), attribute)
@@ -284,15 +284,15 @@ def run_child(model_name: str, count: int, batch_size: int, tests: int, repeats:
              kind="total")
     rows.add("  the same with the self-influence's tracing",
              {key: fit[key] + warm[key] + self_influence[key] for key in ("seconds", "cpu_seconds")}, kind="total")
-    solvers = {"float64": ekfac}
-    twin = float32_twin(ekfac, influence_model, train)
+    solvers = {"float32": ekfac}
+    twin = float64_twin(ekfac, influence_model, train)
     if twin is not None:
-        solvers["float32"] = twin
+        solvers["float64"] = twin
         twin_calculator = FirstOrderInfluenceCalculator(influence_model, train, ihvp_calculator=twin)
         consume(twin_calculator.compute_influence_values(first))
-        twin_self = rows.measured(f"EK-FAC self-influence of the N samples, {FLOAT32}",
+        twin_self = rows.measured(f"EK-FAC self-influence of the N samples, {FLOAT64}",
                                   lambda: consume(twin_calculator.compute_influence_values(train)))
-        rows.add(f"EK-FAC fit + self-influence, {FLOAT32}",
+        rows.add(f"EK-FAC fit + self-influence, {FLOAT64}",
                  {key: fit[key] + twin_self[key] for key in ("seconds", "cpu_seconds")}, kind="total")
     warm = tracked(lambda: calculator.influence_matrix(test, first).numpy())
     rows.add("one-time: pairwise warm-up (2 batches, tracing)", warm, kind="warm-up")

@@ -32,17 +32,22 @@ def test_moments_equal_those_of_the_explicit_patches(size, kernel, padding):
     np.testing.assert_allclose(sums.numpy(), patches.sum(axis=0), rtol=1e-12, atol=1e-12)
 
 
-def test_stride_one_convolutions_get_moments_and_others_their_patches():
+def test_large_stride_one_convolutions_get_moments_and_others_their_patches():
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((6, 6, 2))
+    inputs = keras.Input((16, 16, 2))
     hidden = keras.layers.Conv2D(3, 3, padding="same", name="stride_one")(inputs)
     hidden = keras.layers.Conv2D(3, 3, strides=2, name="stride_two")(hidden)
+    hidden = keras.layers.Conv2D(3, 3, padding="same", name="small")(hidden)
     hidden = keras.layers.Conv2D(3, 2, dilation_rate=2, padding="same", name="dilated")(hidden)
     outputs = keras.layers.Dense(2)(keras.layers.Flatten()(hidden))
     model = keras.Model(inputs, outputs)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
     influence_model = BaseInfluenceModel(model, model.trainable_variables, loss_function=loss)
-    batch = (tf.random.normal((4, 6, 6, 2), seed=1), tf.constant([0, 1, 1, 0]))
+    batch = (tf.random.normal((4, 16, 16, 2), seed=1), tf.constant([0, 1, 1, 0]))
     factors = {layer.layer.name: layer for layer in influence_model.layer_factors.in_graph(batch).layers}
-    assert factors["stride_one"].row_moments is not None
-    assert factors["stride_two"].row_moments is None and factors["dilated"].row_moments is None
+    assert factors["stride_one"].row_moments is not None  # 16 × 16 output positions
+    for name in ("stride_two", "small", "dilated"):  # 7 × 7 positions, or strided / dilated
+        assert factors[name].row_moments is None
+    for name in ("stride_one", "stride_two", "small", "dilated"):  # windows whatever the geometry
+        windows = factors[name].row_windows()
+        np.testing.assert_array_equal(tf.concat(windows, axis=-1).numpy(), factors[name].inputs.numpy())

@@ -9,6 +9,7 @@ import tensorflow as tf
 from deel.influenciae.common import (BaseInfluenceModel, CompressedQueries, EKFACIHVP, KFACConfig, KFACIHVP,
                                      build_solver)
 
+from deel.influenciae.common import layer_adapters
 from deel.influenciae.influence import FirstOrderInfluenceCalculator
 
 F64 = "float64"
@@ -143,8 +144,10 @@ def _im2col(images, size, stride, padding):
     return np.stack(patches, axis=1)
 
 
-@pytest.mark.parametrize("position_scaling", ["sum", "mean"])
-def test_conv2d_factors_match_an_explicit_im2col(position_scaling):
+@pytest.mark.parametrize("position_scaling, shifted_moments", [("sum", False), ("mean", False), ("sum", True)])
+def test_conv2d_factors_match_an_explicit_im2col(position_scaling, shifted_moments, monkeypatch):
+    if shifted_moments:  # the first layer's A from shifted input windows (conv_moments), not from its patches
+        monkeypatch.setattr(layer_adapters, "SHIFTED_MOMENTS_MIN_POSITIONS", 1)
     rng = np.random.default_rng(4)
     images = rng.normal(size=(11, 6, 6, 2))
     labels = rng.integers(0, 3, size=11)
@@ -407,3 +410,18 @@ def test_compressed_queries_equal_the_truncated_svd_of_the_preconditioned_gradie
         CompressedQueries(solver, test, rank=0)
     with pytest.raises(TypeError, match="KFACIHVP"):
         CompressedQueries(object(), test)
+
+
+def test_solvers_of_one_model_share_their_traced_passes():
+    """A second solver on the same model (another λ, another scaling) reuses the traced passes: no new trace; a
+    different Fisher seed for the true Fisher, or another model, traces its own."""
+    influence_model, dataset, _, _, _ = _mlp(samples=21)  # batches of 8, 8 and 5: one trace covers all
+    first = EKFACIHVP(influence_model, dataset, regularization=1e-3)
+    second = EKFACIHVP(influence_model, dataset, regularization=1e-1, position_scaling="mean")
+    for name in ("covariances", "corrected"):
+        assert second._compiled[name] is first._compiled[name]  # pylint: disable=protected-access
+        assert first._compiled[name].experimental_get_tracing_count() == 1  # pylint: disable=protected-access
+    seeded = [EKFACIHVP(influence_model, dataset, fisher="true", seed=seed) for seed in (0, 1)]
+    assert seeded[0]._compiled["corrected"] is not seeded[1]._compiled["corrected"]  # pylint: disable=W0212
+    other_model = _mlp(samples=21)[0]
+    assert EKFACIHVP(other_model, dataset)._compiled["covariances"] is not first._compiled["covariances"]

@@ -155,6 +155,8 @@ class LayerFactorKernels:
 
     def __init__(self, kernels: LossKernels):
         self._traced_shortcuts: List[RowShortcuts] = []
+        # Compiled functions of the methods built on these factors, shared by their instances (keyed by the method).
+        self.shared_functions: Dict[Tuple, Callable[..., Any]] = {}
         self.kernels = kernels
         self.plan: Optional[FactorPlan] = None
         # Traced once for any batch size (a dataset's last, smaller batch does not trace them again).

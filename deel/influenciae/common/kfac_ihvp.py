@@ -16,7 +16,7 @@ or a factorisation, each saved when ``cache_dir`` is given (a rerun resumes afte
 """
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +35,36 @@ from .memory import DEFAULT_MEMORY_BUDGET_BYTES
 from .model_wrappers import BaseInfluenceModel
 from .solver_registry import SolverConfig, register_solver
 
+
+
+def _shared_pass(model: BaseInfluenceModel, key: Tuple, function: Callable[..., Any]) -> Callable[..., Any]:
+    """The compiled ``function`` of ``model`` for ``key`` (compiled the first time), kept with the model's factor
+    kernels and shared by every solver of the model: refitting with another λ, Fisher seed or scaling, or a second
+    solver on the same model, does not trace the passes again. ``key`` holds what the traced graph depends on; the
+    bases and inverse eigenvalues are arguments, not captured constants."""
+    passes = model.layer_factors.shared_functions
+    if ("kfac",) + key not in passes:
+        passes[("kfac",) + key] = compiled_for_batches(function)
+    return passes[("kfac",) + key]
+
+
+def _labelled(model: BaseInfluenceModel, fisher: Tuple[str, int, Optional[bool]], batch: Tuple,
+              batch_index: tf.Tensor, stage: int) -> Tuple:
+    """The batch with the true Fisher's labels drawn from the model (``fisher = (kind, seed, from_logits)``; seeded
+    by seed, batch and stage); the batch itself for the empirical Fisher."""
+    kind, seed, from_logits = fisher
+    if kind == "empirical":
+        return batch
+    inputs, labels = batch[0], batch[1]
+    outputs = tf.cast(model(inputs), tf.float32)
+    logits = outputs if from_logits else tf.math.log(tf.maximum(outputs, 1e-30))
+    seeds = tf.stack([tf.constant(seed, tf.int64) * 7919 + stage, tf.cast(batch_index, tf.int64)])
+    drawn = tf.random.stateless_categorical(logits, 1, seed=seeds)[:, 0]
+    if labels.shape.rank == 1 or int(labels.shape[-1]) == 1:
+        labels = tf.reshape(tf.cast(drawn, labels.dtype), tf.shape(labels))
+    else:
+        labels = tf.one_hot(drawn, int(labels.shape[-1]), dtype=labels.dtype)
+    return (inputs, labels, *batch[2:])
 
 
 class KFACMemoryEstimate(NamedTuple):
@@ -241,34 +271,26 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
                 write_stage(self.cache_dir, stage, self.state, self._fingerprint(stage))
         self._prepare()
 
-    def _labelled(self, batch: Tuple, batch_index: tf.Tensor, stage: int) -> Tuple:
-        """The batch with the true Fisher's labels drawn from the model (seeded by seed, batch and stage)."""
-        if self.fisher == "empirical":
-            return batch
-        inputs, labels = batch[0], batch[1]
-        outputs = tf.cast(self.model(inputs), tf.float32)
-        logits = outputs if self.from_logits else tf.math.log(tf.maximum(outputs, 1e-30))
-        seed = tf.stack([tf.constant(self.seed, tf.int64) * 7919 + stage, tf.cast(batch_index, tf.int64)])
-        drawn = tf.random.stateless_categorical(logits, 1, seed=seed)[:, 0]
-        if labels.shape.rank == 1 or int(labels.shape[-1]) == 1:
-            labels = tf.reshape(tf.cast(drawn, labels.dtype), tf.shape(labels))
-        else:
-            labels = tf.one_hot(drawn, int(labels.shape[-1]), dtype=labels.dtype)
-        return (inputs, labels, *batch[2:])
+    @property
+    def _fisher_key(self) -> Tuple[str, int, Optional[bool]]:
+        """What the drawn labels depend on: (kind, seed, from_logits); the seed only for the true Fisher."""
+        return (self.fisher, self.seed if self.fisher == "true" else 0, self.from_logits)
 
-    def _stream(self, name: str, statistics: Any, description: str) -> Tuple[Any, int]:
-        """Σ over the batches of a compiled ``statistics(batch, batch_index)``, in float64, and N."""
-        if name not in self._compiled:
-            self._compiled[name] = compiled_for_batches(statistics)
-        compiled, counter = self._compiled[name], iter(range(1 << 62))
-        return self.executor.sum(lambda batch: compiled(batch, tf.constant(next(counter), tf.int64)), self.train_set,
-                                 description, name="train_dataset", accumulate=tf.float64)
+    def _stream(self, name: str, statistics: Callable[..., Any], description: str,
+                arguments: Tuple = ()) -> Tuple[Any, int]:
+        """Σ over the batches of a compiled ``statistics(batch, batch_index, *arguments)`` (shared by the solvers
+        of the model, see ``_SHARED_PASSES``), in float64, and N."""
+        key = (name, self._fisher_key, self.statistics_dtype.name, self.blocks)
+        compiled = self._compiled[name] = _shared_pass(self.model, key, statistics)
+        counter = iter(range(1 << 62))
+        return self.executor.sum(lambda batch: compiled(batch, tf.constant(next(counter), tf.int64), *arguments),
+                                 self.train_set, description, name="train_dataset", accumulate=tf.float64)
 
     def _fit_covariances(self, blocks: Tuple[KroneckerBlock, ...]) -> None:
-        dtype = self.statistics_dtype
+        model, dtype, fisher = self.model, self.statistics_dtype, self._fisher_key
 
         def statistics(batch: Tuple, batch_index: tf.Tensor) -> Tuple:
-            factors = self.model.layer_factors.in_graph(self._labelled(batch, batch_index, 0))
+            factors = model.layer_factors.in_graph(_labelled(model, fisher, batch, batch_index, 0))
             sums = []
             for block in blocks:
                 layer = factors.layers[block.factor_index]
@@ -297,16 +319,18 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
             fields["outputs_values"], fields["outputs_basis"] = np.linalg.eigh((gradients + gradients.T) / 2)
 
     def _fit_corrected_eigenvalues(self, blocks: Tuple[KroneckerBlock, ...]) -> None:
-        dtype = self.statistics_dtype
-        bases = [(None if block.diagonal_rows else tf.constant(self.state[str(index)]["rows_basis"], dtype),
-                  tf.constant(self.state[str(index)]["outputs_basis"], dtype)) for index, block in enumerate(blocks)]
+        model, dtype, fisher = self.model, self.statistics_dtype, self._fisher_key
+        bases = tuple((None if block.diagonal_rows else tf.constant(self.state[str(index)]["rows_basis"], dtype),
+                       tf.constant(self.state[str(index)]["outputs_basis"], dtype))
+                      for index, block in enumerate(blocks))
 
-        def statistics(batch: Tuple, batch_index: tf.Tensor) -> Tuple:
-            factors = self.model.layer_factors.in_graph(self._labelled(batch, batch_index, 1))
+        def statistics(batch: Tuple, batch_index: tf.Tensor, block_bases: Tuple) -> Tuple:
+            factors = model.layer_factors.in_graph(_labelled(model, fisher, batch, batch_index, 1))
             return tuple(squared_rotated_sum(block, factors.layers[block.factor_index], *basis)
-                         for block, basis in zip(blocks, bases))
+                         for block, basis in zip(blocks, block_bases))
 
-        totals, count = self._stream("corrected", statistics, f"{type(self).__name__} corrected eigenvalues")
+        totals, count = self._stream("corrected", statistics, f"{type(self).__name__} corrected eigenvalues",
+                                     (bases,))
         for index, total in enumerate(totals):
             self.state[str(index)]["corrected"] = np.asarray(total, np.float64) / float(count)
 
@@ -339,7 +363,7 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
             kept = damped > cutoff
             inverse.append(tf.constant(np.where(kept, 1.0 / np.where(kept, damped, 1.0), 0.0), dtype))
         self._inverse_values = inverse
-        for name in ("apply", "quadratic", "batch_quadratic"):
+        for name in ("quadratic",):
             self._compiled.pop(name, None)
 
     def _redamp(self) -> None:
@@ -366,10 +390,9 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
         return tf.transpose(tf.concat(result, axis=1))
 
     def apply_inverse(self, vectors: tf.Tensor) -> tf.Tensor:
-        """``(F + λI)⁻¹ V`` block by block: (P, K) -> (P, K), in the model's dtype (computed in ``solve_dtype``)."""
-        if "apply" not in self._compiled:
-            self._compiled["apply"] = tf.function(lambda v: self._blockwise(v, self._inverse_values))
-        return tf.cast(self._compiled["apply"](vectors), self.model.dtype)
+        """``(F + λI)⁻¹ V`` block by block: (P, K) -> (P, K), in the model's dtype (computed in ``solve_dtype``).
+        Run eagerly: a few large products per block, called once per batch of test vectors, cost less than a trace."""
+        return tf.cast(self._blockwise(vectors, self._inverse_values), self.model.dtype)
 
     def apply_hessian(self, vectors: tf.Tensor) -> tf.Tensor:
         """``F V`` with the block-diagonal Kronecker-factored F (undamped): (P, K) -> (P, K)."""
@@ -394,15 +417,16 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
         (each block's rotated gradient ``Q_Aᵀ G_z Q_S`` without the flat (B, P) gradients): (B,), in the model's
         dtype (computed in ``solve_dtype``)."""
         self.fit()
-        if "batch_quadratic" not in self._compiled:
-            def quadratic(samples: Tuple) -> tf.Tensor:
-                factors = self.model.layer_factors.in_graph(samples)
-                terms = [weighted_rotated_norms(block, factors.layers[block.factor_index], *self._bases[index],
-                                                self._inverse_values[index])
-                         for index, block in enumerate(self.blocks)]
-                return tf.add_n(terms)
-            self._compiled["batch_quadratic"] = compiled_for_batches(quadratic)
-        return tf.cast(self._compiled["batch_quadratic"](tuple(batch)), self.model.dtype)
+        model, blocks = self.model, self.blocks
+
+        def quadratic(samples: Tuple, bases: Tuple, inverse_values: Tuple) -> tf.Tensor:
+            factors = model.layer_factors.in_graph(samples)
+            return tf.add_n([weighted_rotated_norms(block, factors.layers[block.factor_index], *basis, weights)
+                             for block, basis, weights in zip(blocks, bases, inverse_values)])
+
+        compiled = self._compiled["batch_quadratic"] = _shared_pass(
+            model, ("batch_quadratic", self.solve_dtype.name, blocks), quadratic)
+        return tf.cast(compiled(tuple(batch), tuple(self._bases), tuple(self._inverse_values)), self.model.dtype)
 
     # Saving and loading ---------------------------------------------------------------------------------------------
     def save(self, path: Union[str, Path]) -> Path:
