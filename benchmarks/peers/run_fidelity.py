@@ -202,6 +202,27 @@ def kronfluence_arguments(strategy: str, empirical: bool, damping: Optional[floa
     return factor_args, score_args
 
 
+def pairwise_at_dampings(analyzer: Analyzer, method: str, dampings: Sequence[Optional[float]],
+                         datasets: Tuple[Any, Any], batch_size: int,
+                         dtype: torch.dtype) -> Dict[str, Tuple[np.ndarray, float]]:
+    """kronfluence's (T, N) pairwise scores of ``datasets = (train, test)`` from the fitted factors of ``method`` at
+    every damping (None: its heuristic): ``{damping suffix: (float64 scores, seconds of these scores alone)}``."""
+    strategy, empirical = STRATEGIES[method]
+    train_set, test_set = datasets
+    results: Dict[str, Tuple[np.ndarray, float]] = {}
+    for damping in dampings:
+        _, score_args = kronfluence_arguments(strategy, empirical, damping, dtype)
+        name = f"{method}__{damping_suffix(damping)}"
+        start = time.perf_counter()
+        analyzer.compute_pairwise_scores(scores_name=name, factors_name=method, query_dataset=test_set,
+                                         train_dataset=train_set, per_device_query_batch_size=len(test_set),
+                                         per_device_train_batch_size=batch_size, score_args=score_args,
+                                         overwrite_output_dir=True)
+        scores = analyzer.load_pairwise_scores(scores_name=name)["all_modules"]
+        results[damping_suffix(damping)] = (scores.double().numpy(), time.perf_counter() - start)
+    return results
+
+
 def run_kronfluence(analyzer: Analyzer, method: str, datasets: Tuple[TensorDataset, TensorDataset],
                     args: argparse.Namespace) -> Tuple[float, Dict[str, Tuple[np.ndarray, float]]]:
     """One factor fit, then the pairwise scores for the heuristic damping and every ``--dampings`` value.
@@ -222,17 +243,7 @@ def run_kronfluence(analyzer: Analyzer, method: str, datasets: Tuple[TensorDatas
     fit_seconds = time.perf_counter() - start
 
     dampings: List[Optional[float]] = [None] + ([] if strategy == "identity" else list(args.damping_values))
-    results: Dict[str, Tuple[np.ndarray, float]] = {}
-    for damping in dampings:
-        _, score_args = kronfluence_arguments(strategy, empirical, damping, dtype)
-        name = f"{method}__{damping_suffix(damping)}"
-        start = time.perf_counter()
-        analyzer.compute_pairwise_scores(scores_name=name, factors_name=method, query_dataset=test_set,
-                                         train_dataset=train_set, per_device_query_batch_size=len(test_set),
-                                         per_device_train_batch_size=args.batch_size, score_args=score_args,
-                                         overwrite_output_dir=True)
-        scores = analyzer.load_pairwise_scores(scores_name=name)["all_modules"]
-        results[damping_suffix(damping)] = (scores.double().numpy(), time.perf_counter() - start)
+    results = pairwise_at_dampings(analyzer, method, dampings, (train_set, test_set), args.batch_size, dtype)
     if strategy == "identity":  # Identity.precondition_gradient ignores the damping: one computation serves all
         results.update({damping_suffix(damping): results[HEURISTIC] for damping in args.damping_values})
     return fit_seconds, results

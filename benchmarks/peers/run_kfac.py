@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # pylint: disable=wrong-import-position
 import common  # noqa: E402
 import fidelity_twins  # noqa: E402
-from run_fidelity import (DTYPES, STRATEGIES, ClassificationTask, damping_suffix,  # noqa: E402
-                          kronfluence_arguments)
+from run_fidelity import (DTYPES, STRATEGIES, ClassificationTask, kronfluence_arguments,  # noqa: E402
+                          pairwise_at_dampings)
 
 import torch  # noqa: E402  pylint: disable=import-error,wrong-import-order
 from torch.utils.data import ConcatDataset, TensorDataset  # noqa: E402  pylint: disable=import-error,C0411
@@ -106,18 +106,8 @@ def fit_and_score(analyzer: Analyzer, method: str, datasets: Tuple[torch.utils.d
         args.dumped.update({f"{method}__{kind}__{module}": tensor.double().numpy()
                             for kind, per_module in factors.items() for module, tensor in per_module.items()
                             if tensor is not None})
-    results: Dict[str, Tuple[np.ndarray, float]] = {}
     dampings: List[Optional[float]] = [None, *args.damping_values]
-    for damping in dampings:
-        _, score_args = kronfluence_arguments(strategy, empirical, damping, dtype)
-        name = f"{method}__{damping_suffix(damping)}"
-        start = time.perf_counter()
-        analyzer.compute_pairwise_scores(scores_name=name, factors_name=method, query_dataset=test_set,
-                                         train_dataset=train_set, per_device_query_batch_size=len(test_set),
-                                         per_device_train_batch_size=args.batch_size, score_args=score_args,
-                                         overwrite_output_dir=True)
-        scores = analyzer.load_pairwise_scores(scores_name=name)["all_modules"]
-        results[damping_suffix(damping)] = (scores.double().numpy(), time.perf_counter() - start)
+    results = pairwise_at_dampings(analyzer, method, dampings, (train_set, test_set), args.batch_size, dtype)
     return fit_seconds, results
 
 

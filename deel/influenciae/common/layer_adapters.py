@@ -293,15 +293,18 @@ class Conv2DAdapter(_KernelBiasAdapter):
         if _has_shifted_moments(layer, inputs, gradients):
             moments = functools.partial(stride_one_patch_moments, inputs, (height, width), layer.padding)
         windows = patch_windows(layer, inputs)
-        flat_windows = None
-        if windows is not None:
-            flat_windows = functools.partial(lambda parts: [_rows(part, channels) for part in parts], windows)
+        flat_windows = None if windows is None else functools.partial(_flat_windows, windows, channels)
         return CallFactors(_rows(image_patches(layer, inputs, windows), height * width * channels),
                            _rows(gradients, filters), _bias_closed_form(layer, gradients), moments, flat_windows)
 
 
 # Below this many output positions the patches' product is as fast and traces in far fewer operations.
 SHIFTED_MOMENTS_MIN_POSITIONS = 256
+
+
+def _flat_windows(windows: Sequence[tf.Tensor], channels: int) -> List[tf.Tensor]:
+    """Each (B, H_o, W_o, C) window as (B, T, C) rows."""
+    return [_rows(window, channels) for window in windows]
 
 
 def _has_shifted_moments(layer: keras.layers.Layer, inputs: tf.Tensor, gradients: tf.Tensor) -> bool:
