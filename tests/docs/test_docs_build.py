@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBPACKAGES = ("common", "influence", "trac_in", "rps", "boundary_based", "plots", "utils", "benchmark")
+SUBPACKAGES = ("common", "influence", "trac_in", "trak", "rps", "boundary_based", "plots", "utils", "benchmark")
 # Public names documented under another identifier: aliases and names shadowed by a submodule of the same name.
 DOCUMENTED_ELSEWHERE = {
     "common.ConjugateGradientIHVP": "ConjugateGradientIHVP",     # alias, named in the page's introduction

@@ -21,6 +21,7 @@ CASES = [
     ("methods/second_order.md", "deel.influenciae.influence.SecondOrderInfluenceCalculator", "description"),
     ("methods/arnoldi.md", "deel.influenciae.influence.ArnoldiInfluenceCalculator", "description"),
     ("methods/tracin.md", "deel.influenciae.trac_in.TracIn", "description"),
+    ("methods/trak.md", "deel.influenciae.trak.TRAK", "description"),
     ("methods/rps_l2.md", "deel.influenciae.rps.RepresenterPointL2", "description"),
     ("methods/rps_l2.md", "deel.influenciae.rps.BaseRepresenterPoint", "description"),
     ("methods/rps_lje.md", "deel.influenciae.rps.RepresenterPointLJE", "description"),

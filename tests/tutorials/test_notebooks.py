@@ -31,7 +31,7 @@ import nbformat
 from .notebook_runner import CELL_TIMEOUT_S, execute_notebook, notebook_paths, structure_differences
 
 NOTEBOOKS = ["getting_started", "benchmark_mislabeled", "first_order", "second_order", "tracin", "rps_l2", "rps_lje",
-             "arnoldi", "boundary", "evaluating_attributions", "kfac"]
+             "arnoldi", "boundary", "evaluating_attributions", "kfac", "index"]
 
 
 def test_every_notebook_is_listed():

@@ -17,6 +17,7 @@ from .ihvp_factory import (ArnoldiIHVPFactory, CGDIHVPFactory, ExactIHVPFactory,
 from .inverse_hessian_vector_product import ConjugateGradientIHVP, IHVPCalculator, build_ihvp
 from .layer_adapters import LayerAdapter, register_layer_adapter
 from .layer_factors import LayerFactors
+from .influence_index import InfluenceIndex
 from .model_wrappers import BaseInfluenceModel, InfluenceModel
 from .results import TopK
 from .solver_registry import (SolverConfig, SolverEntry, build_solver, register_solver, registered_solvers,
@@ -37,3 +38,7 @@ __all__ = [
 __all__ += ["LayerFactors", "LayerAdapter", "register_layer_adapter", "FisherOperator"]
 __all__ += ["GaussNewtonOperator"]
 __all__ += ["KFACIHVP", "EKFACIHVP", "KFACConfig", "EKFACConfig", "KFACMemoryEstimate", "CompressedQueries"]
+from .gradient_projector import GradientProjector  # noqa: E402  pylint: disable=wrong-import-position
+
+__all__ += ["GradientProjector"]
+__all__ += ["InfluenceIndex"]

@@ -23,6 +23,8 @@ from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbo
 from ..utils.sorted_dict import ORDER
 from ..utils.tf_operations import assert_batched_dataset, dataset_size, get_device, map_to_device
 from .compat import order_given_as_nearest_neighbors
+from .index_build import build_index
+from .influence_index import InfluenceIndex
 from .results import TopK
 from .self_influence import SelfInfluenceCalculator, _check_k, _check_k_fits, _check_samples
 from .train_streaming import TrainStreaming, ragged_by_batches
@@ -67,6 +69,48 @@ class BaseInfluenceCalculator(TrainStreaming, SelfInfluenceCalculator):
         """Preprocess a test batch and compare it with given influence vectors: (B_t, B_tr)."""
         return self._estimate_influence_value_from_influence_vector(self._preprocess_samples(samples_to_evaluate),
                                                                     influence_vector)
+
+    def _index_configuration(self) -> dict:
+        """The settings that determine this calculator's influence vectors beyond its class and its models' weights
+        (a JSON-serialisable dict, part of an :class:`~deel.influenciae.common.InfluenceIndex`'s fingerprint);
+        methods with such settings (learning rates, damping, normalisation...) override it."""
+        return {}
+
+    def build_index(self, train_set: tf.data.Dataset, path: str, dtype: str = "float16", shard_size: int = 10_000,
+                    verbose: Optional[bool] = None) -> InfluenceIndex:
+        """Compute the training set's influence vectors once and store them on disk at ``path``, for many queries
+        (``top_k``, ``influence_matrix``) without recomputing them; reopen the index in a later process with
+        :meth:`InfluenceIndex.load(path, calculator) <deel.influenciae.common.InfluenceIndex.load>`.
+
+        An interrupted build resumes when called again with the same arguments (the completed shards are kept and
+        their batches are not recomputed); a complete index is returned without computing anything.
+
+        Parameters
+        ----------
+        train_set
+            Batched dataset of the N training samples, in a fixed order (the index's rows follow it).
+        path
+            Directory of the index (new, empty, or an index of this calculator).
+        dtype
+            Storage dtype of the vectors: ``"float16"`` (default, half the disk) or ``"float32"``.
+        shard_size
+            Rows per shard file; at most one shard's worth of vectors is held while building.
+        verbose
+            Progress bar; None: the calculator's ``verbose``.
+
+        Returns
+        -------
+        InfluenceIndex
+            The complete index: ``size`` N, ``top_k(test_set, k, order)`` ((T, k) values and int64 indices),
+            ``influence_matrix(test_set)`` (T, N).
+
+        Raises
+        ------
+        ValueError
+            Bad ``dtype`` or ``shard_size``, unbatched or empty ``train_set``, ``path`` holding something else than
+            an index of this calculator with this ``dtype`` and ``shard_size``, or non-finite vectors.
+        """
+        return build_index(self, train_set, path, dtype, shard_size, verbose)
 
     # Influence vectors ----------------------------------------------------------------------------
     def compute_influence_vector(self, train_set: tf.data.Dataset, save_influence_vector_ds_path: Optional[str] = None,

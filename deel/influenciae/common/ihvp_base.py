@@ -7,7 +7,7 @@ B vectors is a (P, B) tensor.
 """
 import copy
 from abc import ABC, abstractmethod
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +22,17 @@ def check_regularization(regularization: float) -> float:
     if regularization < 0 or not np.isfinite(regularization):
         raise ValueError(f"regularization must be a finite number >= 0, got {regularization}.")
     return regularization
+
+
+def solver_description(solver: Any) -> Dict[str, Any]:
+    """The settings of a solver that an influence index fingerprints: its class, λ and, when it has them, its
+    damping heuristic, Fisher kind and curvature (JSON-serialisable)."""
+    description: Dict[str, Any] = {"solver": type(solver).__qualname__}
+    for name in ("regularization", "damping_heuristic", "fisher", "curvature"):
+        value = getattr(solver, name, None)
+        if isinstance(value, (bool, int, float, str)):
+            description[name] = value
+    return description
 
 
 def default_rcond(nb_params: int, dtype: tf.DType) -> float:

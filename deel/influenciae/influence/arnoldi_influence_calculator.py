@@ -7,7 +7,7 @@ import tensorflow as tf
 from ..common.arnoldi_ihvp import ArnoldiIHVP
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.compat import renamed_arguments
-from ..common.ihvp_base import LowRankInverse
+from ..common.ihvp_base import LowRankInverse, solver_description
 from ..common.model_wrappers import InfluenceModel
 
 
@@ -101,6 +101,11 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
             float64 arrays (k,) and (k, P); the calculator's own eigenpairs are not changed.
         """
         return self.ihvp_calculator.arnoldi(dim)
+
+    def _index_configuration(self) -> dict:
+        """The Krylov and eigenvalue settings and λ (what the vectors depend on besides the weights)."""
+        return {"subspace_dim": int(self.subspace_dim), "k_largest_eig_vals": int(self.k_largest_eig_vals),
+                "force_hermitian": self.force_hermitian, **solver_description(self.ihvp_calculator)}
 
     def _preprocess_samples(self, samples: Tuple) -> tf.Tensor:
         """``G g(t)`` for every sample: (B, k)."""

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
 from ..common.compat import renamed_arguments
+from ..common.ihvp_base import solver_description
 from ..common.model_wrappers import InfluenceModel, assert_finite
 from .base_group_influence import BaseGroupInfluenceCalculator
 
@@ -46,6 +47,11 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator, BaseGroupInfluenceC
         BaseGroupInfluenceCalculator.__init__(self, model, train_set, ihvp_calculator, n_samples_for_hessian,
                                               shuffle_buffer_size, regularization, seed)
         self.normalize = bool(normalize)
+
+    def _index_configuration(self) -> dict:
+        """RelatIF's normalisation and the solver's settings (what the influence vectors depend on besides the
+        weights; the curvature's data is not fingerprinted)."""
+        return {"normalize": self.normalize, **solver_description(self.ihvp_calculator)}
 
     def _normalized(self, vectors: tf.Tensor, axis: int) -> tf.Tensor:
         if not self.normalize:

@@ -193,6 +193,12 @@ class RepresenterPointL2(BaseRepresenterPoint):
             flat = candidate
         self.kernel.assign(tf.reshape(flat, (-1, self.n_classes)))
 
+    def _index_configuration(self) -> dict:
+        """The surrogate's settings (its training data is not fingerprinted)."""
+        return {"lambda_regularization": float(self.lambda_regularization),
+                "scaling_factor": float(self.scaling_factor), "epochs": self.epochs,
+                "surrogate_target": self.surrogate_target, "target_layer": self.target_layer}
+
     def _create_surrogate_model(self) -> keras.Model:
         nb_features = int(self.kernel.shape[0])
         surrogate = keras.Sequential([keras.Input((nb_features,), dtype="float64"),

@@ -87,6 +87,10 @@ class RepresenterPointLJE(BaseRepresenterPoint):
         self.ihvp_calculator = build_solver("exact" if ihvp_calculator is None else ihvp_calculator,
                                             self.head_model, self.hessian_dataset)
 
+    def _index_configuration(self) -> dict:
+        """The perturbation's settings (the data it is computed on is not fingerprinted)."""
+        return {"epsilon": self.epsilon, "perturbation_lr": self.perturbation_lr, "target_layer": self.target_layer}
+
     def _feature_dataset_tensors(self) -> Tuple[tf.Tensor, tf.Tensor, int]:
         """Features and labels of every training sample, and the first batch size."""
         def of_batch(batch: Tuple) -> Tuple[tf.Tensor, tf.Tensor]:

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
+from ..common.gradient_projector import GradientProjector
 from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
 from ..utils.tf_operations import default_process_batch
 from .factored import factored_tracin_kernels
@@ -49,6 +50,11 @@ class TracIn(BaseInfluenceCalculator):
         floating dtype.
     learning_rates
         A number (applied to every checkpoint) or a list/tuple with one learning rate per checkpoint.
+    projector
+        Optional :class:`~deel.influenciae.common.GradientProjector`: every ``g_k`` is replaced by its random
+        projection ``P g_k`` (d values, the same projection for every checkpoint), so that influence vectors hold
+        K · d values instead of Σ_k P_k and every value above is an unbiased estimate of the unprojected one
+        (Captum's ``TracInCPFastRandProj``, TRAK's featurisation). None (default): exact gradients.
 
     Raises
     ------
@@ -57,7 +63,8 @@ class TracIn(BaseInfluenceCalculator):
         non-finite rate, checkpoints of different dtypes, or a checkpoint whose watched weights hold NaN or inf.
     """
 
-    def __init__(self, models: Sequence[BaseInfluenceModel], learning_rates: Union[float, Sequence[float]]):
+    def __init__(self, models: Sequence[BaseInfluenceModel], learning_rates: Union[float, Sequence[float]],
+                 projector: Optional[GradientProjector] = None):
         if isinstance(models, BaseInfluenceModel):
             models = [models]
         models = list(models)
@@ -76,22 +83,28 @@ class TracIn(BaseInfluenceCalculator):
         self._scales = [tf.constant(np.sqrt(rate), self.dtype) for rate in self.learning_rates]
         self._scales_vector = tf.constant(np.sqrt(self.learning_rates), self.dtype)
         self._rates = tf.constant(self.learning_rates, self.dtype)
-        self._factored = factored_tracin_kernels(models)
+        if projector is not None and not isinstance(projector, GradientProjector):
+            raise TypeError(f"projector must be a GradientProjector or None, got {type(projector).__name__}.")
+        self.projector = projector
+        # The factored products are exact inner products: with a projection every product uses projected vectors.
+        self._factored = factored_tracin_kernels(models) if projector is None else None
         self.nb_params = sum(model.nb_params for model in models)
 
     @classmethod
     def from_models_saver(cls, saver, loss_function: Callable, start_layer=None, last_layer=None,
-                          process_batch_for_loss_fn: Callable = default_process_batch) -> "TracIn":
+                          process_batch_for_loss_fn: Callable = default_process_batch,
+                          projector: Optional[GradientProjector] = None) -> "TracIn":
         """Build TracIn from the checkpoints collected by a :class:`~deel.influenciae.trac_in.ModelsSaver`.
 
         Every checkpoint is wrapped as ``InfluenceModel(model, start_layer, last_layer, loss_function,
-        process_batch_for_loss_fn)``; the learning rates are those the saver recorded.
+        process_batch_for_loss_fn)``; the learning rates are those the saver recorded; ``projector`` as in the
+        constructor.
         """
         models, learning_rates = saver.checkpoints()
         influence_models = [InfluenceModel(model, start_layer=start_layer, last_layer=last_layer,
                                            loss_function=loss_function,
                                            process_batch_for_loss_fn=process_batch_for_loss_fn) for model in models]
-        return cls(influence_models, learning_rates)
+        return cls(influence_models, learning_rates, projector)
 
     def _check_checkpoint_weights(self) -> None:
         """Raise ``ValueError`` naming the first checkpoint whose watched weights hold NaN or inf."""
@@ -118,8 +131,11 @@ class TracIn(BaseInfluenceCalculator):
         return values
 
     def _checkpoint_gradients(self, samples: Tuple) -> List[tf.Tensor]:
-        """Per-sample gradients of every checkpoint (unscaled): K tensors (B, P_k). Each checkpoint's compiled
-        kernel belongs to its InfluenceModel, so new TracIn objects on the same models trace nothing."""
+        """Per-sample gradients of every checkpoint (unscaled): K tensors (B, P_k), or their projections (B, d).
+        Each checkpoint's compiled kernel belongs to its InfluenceModel, so new TracIn objects on the same models
+        trace nothing."""
+        if self.projector is not None:
+            return [self.projector.project_batch(model, samples) for model in self.models]
         return [model.batch_jacobian_tensor(samples) for model in self.models]
 
     def _factored_columns(self, test_batches: List[Tuple], train_set: tf.data.Dataset) -> Optional[List[tf.Tensor]]:
@@ -184,8 +200,8 @@ class TracIn(BaseInfluenceCalculator):
         factored = None if self._factored is None else self._factored.gradients(samples, self._scales_vector)
         if factored is not None:
             return factored
-        return tf.concat([scale * model.batch_jacobian_tensor(samples)
-                          for model, scale in zip(self.models, self._scales)], axis=1)
+        return tf.concat([scale * gradients for gradients, scale in zip(self._checkpoint_gradients(samples),
+                                                                         self._scales)], axis=1)
 
     def _compute_influence_vector(self, train_samples: Tuple) -> tf.Tensor:
         """Influence vectors ``v(z)``: (B, Σ_k P_k)."""
@@ -223,6 +239,15 @@ class TracIn(BaseInfluenceCalculator):
             return self._estimate_individual_influence_values_from_batch(tuple(train_samples),
                                                                          tuple(samples_to_evaluate))
         model, scale = self.models[checkpoint], self._scales[checkpoint]
-        test = model.batch_jacobian_tensor(tuple(samples_to_evaluate))
-        train = model.batch_jacobian_tensor(tuple(train_samples))
+        if self.projector is not None:
+            test = self.projector.project_batch(model, tuple(samples_to_evaluate))
+            train = self.projector.project_batch(model, tuple(train_samples))
+        else:
+            test = model.batch_jacobian_tensor(tuple(samples_to_evaluate))
+            train = model.batch_jacobian_tensor(tuple(train_samples))
         return scale * scale * tf.matmul(test, train, transpose_b=True)
+
+    def _index_configuration(self) -> dict:
+        """What the influence vectors depend on besides the weights: the learning rates and the projection."""
+        return {"learning_rates": list(self.learning_rates),
+                "projector": None if self.projector is None else self.projector.configuration()}
