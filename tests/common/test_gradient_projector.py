@@ -40,6 +40,16 @@ def _embedding_model(seed=0):
                              keras.layers.Flatten(dtype=F64), keras.layers.Dense(3, dtype=F64)])
 
 
+def _attention_model(seed=0):
+    """Embedding, self-attention (EinsumDense projections), LayerNormalization, Dense."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((5,), dtype="int32")
+    hidden = keras.layers.Embedding(11, 4, dtype=F64)(tokens)
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype=F64)(hidden, hidden)
+    hidden = keras.layers.LayerNormalization(dtype=F64)(hidden + attended)
+    return keras.Model(tokens, keras.layers.Dense(3, dtype=F64)(keras.layers.Flatten(dtype=F64)(hidden)))
+
+
 def _classification_batch(shape, samples=9, seed=1):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(samples, *shape)), rng.integers(0, 3, size=samples)
@@ -59,7 +69,11 @@ def _full_matrix(projector, influence_model, batch):
         if pair is not None:
             r_in, r_out = (matrix.numpy() for matrix in pair)
             kron = np.kron(r_in, r_out) / np.sqrt(r_in.shape[1] * r_out.shape[1])
-            blocks.append((offsets[id(layer.kernel)], columns, kron))
+            # Row q of the kernel's flat gradient is entry order[q] of its (in, out) matrix (EinsumDense permutes).
+            positions = tf.reshape(tf.range(layer.in_size * layer.out_size, dtype=tf.float64),
+                                   [1, layer.in_size, layer.out_size])
+            order = tf.reshape(layer.kernel_layout(positions), [-1]).numpy().astype(int)
+            blocks.append((offsets[id(layer.kernel)], columns, kron[order]))
             columns += kron.shape[1]
         rest_rows += [(offsets[id(w)], int(np.prod(w.shape))) for w, _ in layer.closed_forms]
     rest_rows += [(offsets[id(w)], int(np.prod(w.shape))) for w, _ in factors.materialised]
@@ -124,7 +138,8 @@ def test_factored_inner_products_are_unbiased():
     assert abs(np.mean(estimates) - exact) < 3 * standard_error
 
 
-@pytest.mark.parametrize("builder,shape", [(_mlp, (6,)), (_cnn, (16, 16, 2)), (_embedding_model, None)])
+@pytest.mark.parametrize("builder,shape", [(_mlp, (6,)), (_cnn, (16, 16, 2)), (_embedding_model, None),
+                                           (_attention_model, None)])
 def test_factored_projection_equals_the_kronecker_matrix_on_materialised_gradients(builder, shape):
     model = builder()
     influence_model = _influence_model(model)
