@@ -47,12 +47,14 @@ def random_block(kind: str, seed: int, stream: int, index: Any, shape: Sequence[
     ``(seed, stream, index)`` and ``shape``: (*shape) of ``dtype`` (``index`` may be a scalar tensor)."""
     key = tf.stack([tf.constant(seed, tf.int64), stream * 2 ** 32 + tf.cast(index, tf.int64)])
     if kind == "rademacher":
-        # 32 signs per random word (the bits of uniform 32-bit integers): 3x cheaper than one draw per sign.
+        # 32 signs per random word (the bits of uniform 32-bit integers), each bit moved to the sign of the float
+        # 1.0: 6x cheaper than one draw per sign.
         rows, columns = shape
         words = tf.random.stateless_uniform((rows, -(-columns // 32)), key, minval=None, maxval=None, dtype=tf.int32)
-        bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words[:, :, None], tf.range(32, dtype=tf.int32)), 1)
-        signs = tf.reshape(bits, (rows, -1))[:, :columns]
-        return tf.cast(2 * signs - 1, dtype)
+        shifted = tf.bitwise.left_shift(words[:, :, None], tf.range(32, dtype=tf.int32))
+        signs = tf.bitwise.bitwise_and(shifted, tf.constant(-2 ** 31, tf.int32))
+        ones = tf.bitcast(tf.bitwise.bitwise_or(signs, tf.constant(0x3F800000, tf.int32)), tf.float32)
+        return tf.cast(tf.reshape(ones, (rows, -1))[:, :columns], dtype)
     return tf.cast(tf.random.stateless_normal(shape, key, dtype=tf.float32), dtype)
 
 
