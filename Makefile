@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench-kfac-scale bench-fidelity bench-kfac bench-kfac-queries bench clean
+.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench-kfac-scale bench-fidelity bench-kfac bench-kfac-queries bench-projection-peers bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,13 @@ bench-kfac: $(VENV)/.installed-tests
 # the digits MLP: benchmarks/results/kfac_queries.{md,json} (about a minute).
 bench-kfac-queries: $(VENV)/.installed-tests
 	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_kfac_queries.py
+
+# TRAK and projected TracIn side by side with traker (CPU BasicProjector) and Captum's TracInCPFastRandProj on the
+# fidelity digits MLP, end to end in the same run (peer venv as for bench-fidelity): seconds, ratios, Pearson;
+# benchmarks/results/projection_peers.{md,json} (a few minutes).
+bench-projection-peers: $(VENV)/.installed-tests
+	$(PY) benchmarks/bench_peers.py --setup || echo "peer venv unavailable: bench_projection_peers.py needs it"
+	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_projection_peers.py
 
 bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py

@@ -7,9 +7,12 @@ For each model of :mod:`fidelity_problems` (a digits MLP 64-64-64-64-10 and a sm
    weights: a rerun only recomputes what changed, ``--rescore`` recomputes the scores);
 2. score the 300 test samples with every pairwise method of the library (influence functions with the exact, CG,
    LiSSA and Arnoldi solvers, the exact solver on the Gauss–Newton matrix and the empirical Fisher, K-FAC and EK-FAC
-   with the empirical and the true Fisher; TracIn with the final and with four checkpoints; RPS-L2; RPS-LJE) and,
-   in the peers' virtual environment on the same weights and data, with kronfluence (identity, K-FAC, EK-FAC with
-   the true and the empirical Fisher) and Captum's ``TracInCP``;
+   with the empirical and the true Fisher; TracIn with the final and with four checkpoints, and projected to
+   d = 2,048; TRAK (d = 2,048) on the final checkpoint and over four; RPS-L2; RPS-LJE) and, in the peers' virtual
+   environment on the same weights and data, with kronfluence (identity, K-FAC, EK-FAC with the true and the
+   empirical Fisher) and Captum's ``TracInCP`` (``peers/run_fidelity.py``), traker's TRAK (final checkpoint and four,
+   at traker's λ = 0 and at the library's dampings converted to traker's scale) and Captum's
+   ``TracInCPFastRandProj`` (``peers/run_projection.py``);
 3. pick each damped method's damping on the first 100 test samples (the validation budget,
    :func:`~deel.influenciae.evaluation.select_damping`; the library's solvers are re-damped with
    ``with_regularization``, one curvature fit per method), and report the LDS on the other 200 test samples at the
@@ -43,7 +46,7 @@ import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # pylint: disable=wrong-import-position
 import fidelity_problems as problems  # noqa: E402
-from fidelity_methods import METHOD_NAMES, MethodResult, library_methods  # noqa: E402
+from fidelity_methods import METHOD_NAMES, TRAK_DAMPINGS, MethodResult, library_methods  # noqa: E402
 from deel.influenciae.evaluation import (lds_noise_ceiling, linear_datamodeling_score,  # noqa: E402
                                          random_subset_masks, retrain_outputs, select_damping)
 # pylint: enable=wrong-import-position
@@ -80,43 +83,63 @@ def write_peer_problem(path: Path, problem: problems.FidelityProblem, checkpoint
     np.savez(path, **arrays)
 
 
+def run_peer_worker(script: str, problem_path: Path, output_path: Path,
+                    options: Sequence[str]) -> Optional[Dict[str, np.ndarray]]:
+    """Run a worker of ``peers/`` in the peers' virtual environment; its arrays, or None (reported) if it failed."""
+    command = [str(PEER_PYTHON), str(HERE / "peers" / script), "--problem", str(problem_path), "--output",
+               str(output_path), *options]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        print(f"  peer worker {script} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+        return None
+    with np.load(output_path) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def peer_result(arrays: Dict[str, np.ndarray], strategy: str, label: str) -> MethodResult:
+    """One strategy of a peer worker's arrays: ``scores__<strategy>[__<damping>]`` (damping suffix ``heuristic`` or
+    ``own``: the peer's own default, key None) with their ``seconds__`` (fit + scores at that damping)."""
+    scores: Dict[Optional[float], np.ndarray] = {}
+    suffixes: Dict[Optional[float], str] = {}
+    for key, value in arrays.items():
+        parts = key.split("__")
+        if parts[0] != "scores" or parts[1] != strategy:
+            continue
+        suffix = parts[2] if len(parts) == 3 else "heuristic"
+        if strategy == "identity" and suffix != "heuristic":
+            continue  # kronfluence's identity ignores the damping: one matrix
+        damping = None if suffix in ("heuristic", "own") else float(suffix)
+        scores[damping], suffixes[damping] = value, suffix
+    seconds = {}
+    for damping, suffix in suffixes.items():
+        key = f"seconds__{strategy}__{suffix}" if f"seconds__{strategy}__{suffix}" in arrays else f"seconds__{strategy}"
+        seconds[damping] = float(arrays.get(key, np.nan))  # the worker's fit + scores at that damping
+    return MethodResult(label, scores, None, 0.0, seconds)
+
+
 def peer_methods(problem: problems.FidelityProblem, checkpoints: List[List[np.ndarray]],
                  logits_test: np.ndarray) -> List[MethodResult]:
-    """kronfluence and Captum scores from the peers' virtual environment (empty when it is missing)."""
+    """kronfluence and Captum (``peers/run_fidelity.py``), traker and Captum's fast TracIn (``peers/run_projection.py``)
+    scores from the peers' virtual environment (empty when it is missing)."""
     if not PEER_PYTHON.exists():
         print(f"  (no peer venv at {PEER_PYTHON}: run `.venv/bin/python benchmarks/bench_peers.py --setup`)")
         return []
     with tempfile.TemporaryDirectory() as folder:
-        problem_path, output_path = Path(folder) / "problem.npz", Path(folder) / "scores.npz"
+        problem_path = Path(folder) / "problem.npz"
         write_peer_problem(problem_path, problem, checkpoints, logits_test)
-        command = [str(PEER_PYTHON), str(HERE / "peers" / "run_fidelity.py"), "--problem", str(problem_path),
-                   "--output", str(output_path), "--dampings", ",".join(f"{d:g}" for d in PEER_DAMPINGS)]
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        if completed.returncode != 0:
-            print(f"  peer worker failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
-            return []
-        with np.load(output_path) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+        fidelity = run_peer_worker("run_fidelity.py", problem_path, Path(folder) / "scores.npz",
+                                   ["--dampings", ",".join(f"{d:g}" for d in PEER_DAMPINGS)])
+        # Captum's exact TracInCP is already in run_fidelity.py's results.
+        projection = run_peer_worker("run_projection.py", problem_path, Path(folder) / "projection.npz",
+                                     ["--dampings", ",".join(f"{d:g}" for d in TRAK_DAMPINGS), "--no-captum-exact"])
     results = []
-    strategies = sorted({key.split("__")[1] for key in arrays if key.startswith("scores__")},
-                        key=lambda strategy: list(PEER_LABELS).index(strategy) if strategy in PEER_LABELS else 99)
-    for strategy in strategies:
-        scores: Dict[Optional[float], np.ndarray] = {}
-        for key, value in arrays.items():
-            parts = key.split("__")
-            if parts[0] != "scores" or parts[1] != strategy:
-                continue
-            label = parts[2] if len(parts) == 3 else "heuristic"
-            if strategy == "identity" and label != "heuristic":
-                continue  # kronfluence's identity ignores the damping: one matrix
-            scores[None if label == "heuristic" else float(label)] = value
-        seconds = {}
-        for damping in scores:
-            suffix = "heuristic" if damping is None else f"{damping:.0e}"
-            key = f"seconds__{strategy}__{suffix}" if f"seconds__{strategy}__{suffix}" in arrays else \
-                f"seconds__{strategy}"
-            seconds[damping] = float(arrays.get(key, np.nan))  # the worker's fit + scores at that damping
-        results.append(MethodResult(PEER_LABELS.get(strategy, strategy), scores, None, 0.0, seconds))
+    if fidelity is not None:
+        strategies = sorted({key.split("__")[1] for key in fidelity if key.startswith("scores__")},
+                            key=lambda strategy: list(PEER_LABELS).index(strategy) if strategy in PEER_LABELS else 99)
+        results += [peer_result(fidelity, strategy, PEER_LABELS.get(strategy, strategy)) for strategy in strategies]
+    if projection is not None:
+        results += [peer_result(projection, key.split("__", 1)[1], str(value))
+                    for key, value in projection.items() if key.startswith("label__")]
     return results
 
 
@@ -209,7 +232,8 @@ def bar_chart(results: Dict[str, Dict[str, object]], path: Path) -> None:
     for axis, result in zip(axes[0], results.values()):
         rows = result["rows"]
         values = [row["at_best"]["lds"] if row["at_best"] else np.nan for row in rows]
-        colors = ["tab:orange" if row["method"].startswith(("kronfluence", "Captum")) else "tab:blue" for row in rows]
+        colors = ["tab:orange" if row["method"].startswith(("kronfluence", "Captum", "traker")) else "tab:blue"
+                  for row in rows]
         positions = np.arange(len(rows))
         axis.barh(positions, values, color=colors)
         axis.set_yticks(positions, [row["method"] for row in rows])

@@ -53,6 +53,10 @@ PEER_PACKAGES = ("pydvl", "captum", "numpy<2", "scikit-learn", "dask", "distribu
 # of its own), installed with the torch pin; then kronfluence itself with ``--no-deps``.
 KRONFLUENCE_PIN = "kronfluence==1.0.1"
 KRONFLUENCE_DEPS = ("accelerate", "einops", "einconv", "opt-einsum", "safetensors", "tqdm")
+# traker (TRAK, ``peers/run_projection.py``): it requires only torch>=2.0, numpy and tqdm (``fast_jl``, its CUDA
+# projector, is an extra we do not install: on CPU it uses its ``BasicProjector``); installed with the torch and numpy
+# pins so that pip keeps both.
+TRAKER_PIN = "traker==0.3.2"
 PEERS = {"exact": ("pydvl", "captum"), "cg": ("pydvl",), "arnoldi": ("pydvl",), "tracin": ("captum",)}
 PHASES = ("fit", "pair", "self")
 # pyDVL 0.10 documents ``influences(..., mode=Up)`` as <H^-1 ∇ℓ(test), ∇ℓ(train)>, no minus sign: the same
@@ -62,32 +66,38 @@ PEER_SIGN = {"pydvl": 1.0, "captum": 1.0}
 
 # -------- Peer environment ---------------------------------------------------------------
 def peers_ready() -> bool:
-    """Whether the peer venv imports pyDVL's torch influence models, Captum and kronfluence 1.0.1 with torch 2.13.0."""
+    """Whether the peer venv imports pyDVL's torch influence models, Captum, kronfluence 1.0.1 and traker 0.3.2 (its
+    ``TRAKer`` and CPU ``BasicProjector``) with torch 2.13.0."""
     if not PEER_PYTHON.exists():
         return False
     probe = ("import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__; "
              "from pydvl.influence.torch import DirectInfluence, CgInfluence, ArnoldiInfluence; "
              "from captum.influence import TracInCP; "
              "import importlib.metadata as m; assert m.version('kronfluence') == '1.0.1'; "
-             "from kronfluence.analyzer import Analyzer")
+             "from kronfluence.analyzer import Analyzer; "
+             "assert m.version('traker') == '0.3.2'; from trak import TRAKer; "
+             "from trak.projectors import BasicProjector")
     completed = subprocess.run([str(PEER_PYTHON), "-c", probe], env=peer_env(), capture_output=True, check=False)
     return completed.returncode == 0
 
 
 def setup_peers(force: bool = False) -> None:
-    """Create ``benchmarks/.venv-peers``: pinned CPU torch first, then pyDVL, Captum and kronfluence (needs PyPI)."""
+    """Create ``benchmarks/.venv-peers``: pinned CPU torch first, then pyDVL, Captum, kronfluence and traker (needs
+    PyPI); an existing venv that lacks a later addition (traker) is completed, not recreated."""
     if force and PEER_VENV.exists():
         subprocess.run(["rm", "-rf", str(PEER_VENV)], check=True)
     if peers_ready():
         print(f"peer environment ready: {PEER_VENV}")
         return
-    print(f"creating the peer environment in {PEER_VENV}")
-    steps = [[getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(PEER_VENV)],
-             # torch first and pinned, so that nothing later can swap it for another (CUDA) build.
-             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN],
-             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, *PEER_PACKAGES],
-             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, *KRONFLUENCE_DEPS],
-             [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", KRONFLUENCE_PIN]]
+    print(f"{'completing' if PEER_PYTHON.exists() else 'creating'} the peer environment in {PEER_VENV}")
+    steps = [] if PEER_PYTHON.exists() else [[getattr(sys, "_base_executable", sys.executable), "-m", "venv",
+                                              str(PEER_VENV)]]
+    # torch first and pinned, so that nothing later can swap it for another (CUDA) build.
+    steps += [[str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN],
+              [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, *PEER_PACKAGES],
+              [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, *KRONFLUENCE_DEPS],
+              [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", KRONFLUENCE_PIN],
+              [str(PEER_PYTHON), "-m", "pip", "install", "--quiet", TORCH_PIN, "numpy<2", "tqdm", TRAKER_PIN]]
     for step in steps:
         print("  $", " ".join(step))
         subprocess.run(step, check=True)
@@ -97,7 +107,8 @@ def setup_peers(force: bool = False) -> None:
     if not version.startswith("2.13.0"):
         raise RuntimeError(f"torch in {PEER_VENV} is {version!r}, expected 2.13.0 (CPU)")
     if not peers_ready():
-        raise RuntimeError(f"the peer environment in {PEER_VENV} does not import pyDVL, Captum and kronfluence")
+        raise RuntimeError(f"the peer environment in {PEER_VENV} does not import pyDVL, Captum, kronfluence and "
+                           "traker")
     print(f"peer environment ready (torch {version})")
 
 

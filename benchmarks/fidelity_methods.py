@@ -11,6 +11,15 @@ Kronecker-factored Fisher, empirical or true, the library's defaults otherwise: 
 for the true Fisher's labels) are fitted once and re-damped over :data:`DAMPINGS` and their default λ = 0 (the
 pseudo-inverse of each block, from the eigendecompositions the fit already holds). Failures (CG on an indefinite
 matrix, LiSSA diverging) are recorded, not fatal.
+
+Projected methods (:class:`~deel.influenciae.common.GradientProjector`, dense, d = 2,048, seed 0): TRAK
+(:class:`~deel.influenciae.trak.TRAK`) as its paper and traker compute it (gradients of the margin
+:func:`~deel.influenciae.trak.margin_loss`, ``reweight="margin"``), on the final checkpoint and over the four
+checkpoints, plus TRAK of the cross-entropy gradients on the final checkpoint; each is fitted once (a pass over the
+training set and one eigendecomposition per model) at its default damping (λ = 0.1 × the mean eigenvalue of ΦᵀΦ/N,
+the key None) and re-damped with ``with_regularization(λ, damping_heuristic=None)`` for λ = 0 and every λ of
+:data:`TRAK_DAMPINGS`. Projected TracIn: :class:`~deel.influenciae.trac_in.TracIn` over the four checkpoints with the
+same projector (no damping).
 """
 import dataclasses
 import time
@@ -22,10 +31,11 @@ import scipy.sparse.linalg
 import tensorflow as tf
 
 from deel.influenciae.common import (ArnoldiIHVP, ConjugateGradientDescentIHVP, EKFACIHVP, ExactIHVP,
-                                     FisherOperator, InfluenceModel, KFACIHVP, LissaIHVP)
+                                     FisherOperator, GradientProjector, InfluenceModel, KFACIHVP, LissaIHVP)
 from deel.influenciae.influence import FirstOrderInfluenceCalculator
 from deel.influenciae.rps import RepresenterPointL2, RepresenterPointLJE
 from deel.influenciae.trac_in import TracIn
+from deel.influenciae.trak import TRAK, margin_loss
 
 import fidelity_problems as problems  # pylint: disable=wrong-import-order
 
@@ -41,7 +51,11 @@ KRONECKER_METHODS = {"kfac": (KFACIHVP, "empirical", "influence, K-FAC, empirica
                      "ekfac": (EKFACIHVP, "empirical", "influence, EK-FAC, empirical Fisher"),
                      "ekfac_true": (EKFACIHVP, "true", "influence, EK-FAC, true Fisher")}
 METHOD_NAMES = ("exact", "cg", "lissa", "arnoldi", "fisher", "fisher_empirical", *KRONECKER_METHODS, "tracin",
-                "rps_l2", "rps_lje")
+                "tracin_projected", "trak", "rps_l2", "rps_lje")
+PROJECTION_DIM = 2048  # TRAK's and projected TracIn's d (dense GradientProjector, seed 0)
+# TRAK's λ (on ΦᵀΦ/N): the grid above and larger values, since the margin's kernel has a mean eigenvalue ~1.5 on the
+# MLP (its default λ = 0.1 × that); traker gets the same values, converted to its scale.
+TRAK_DAMPINGS = (*DAMPINGS, 3.0, 10.0, 30.0)
 
 
 @dataclasses.dataclass
@@ -53,8 +67,8 @@ class MethodResult:
     name
         Row label.
     scores
-        Damping -> (300, N) scores (this library's sign convention); key None for an undamped method, or for the
-        peer's own default damping.
+        Damping -> (300, N) scores (this library's sign convention); key None for an undamped method, or for a
+        method's own default damping rule (a peer's default, TRAK's 0.1 × mean eigenvalue).
     default
         The key of the default damping in ``scores`` (None: undamped, or the peer's default).
     fit_seconds
@@ -189,27 +203,34 @@ def library_methods(problem: problems.FidelityProblem, model: keras.Model, check
         results.append(_swept("influence, Arnoldi (rank 200)",
                               lambda damping: ArnoldiIHVP(influence_model, train, subspace_dim=200,
                                                           regularization=damping), first_order, DAMPINGS))
-    if "tracin" in wanted:
-        results.extend(_tracin(model, checkpoints, train, test, shape))
-    if "rps_l2" in wanted:
-        results.append(_rps_l2(model, train, test, shape))
-    if "rps_lje" in wanted:
-        start = time.perf_counter()
-        calculator = RepresenterPointLJE(InfluenceModel(model, start_layer=-1, loss_function=_loss()), train,
-                                         ihvp_calculator="exact")
-        scores = _matrix(calculator, test, train, shape)
-        results.append(MethodResult("RPS-LJE", {None: scores}, None, time.perf_counter() - start, {None: 0.0}))
+    others = {"tracin": lambda: _tracin(model, checkpoints, train, test, shape),
+              "tracin_projected": lambda: [_tracin_projected(model, checkpoints, train, test, shape)],
+              "trak": lambda: _trak(model, checkpoints, train, test, shape),
+              "rps_l2": lambda: [_rps_l2(model, train, test, shape)],
+              "rps_lje": lambda: [_rps_lje(model, train, test, shape)]}
+    for method, run in others.items():
+        if method in wanted:
+            results.extend(run())
     return results
+
+
+def checkpoint_models(model: keras.Model, checkpoints: List[List[np.ndarray]],
+                      loss: Optional[Callable] = None) -> List[InfluenceModel]:
+    """One influence model per checkpoint (clones of ``model``), every layer watched, ``loss`` (default: the
+    cross-entropy)."""
+    models = []
+    for weights in checkpoints:
+        copy = keras.models.clone_model(model)
+        copy.set_weights(weights)
+        models.append(InfluenceModel(copy, start_layer=0, last_layer=-1,
+                                     loss_function=_loss() if loss is None else loss))
+    return models
 
 
 def _tracin(model: keras.Model, checkpoints: List[List[np.ndarray]], train: tf.data.Dataset, test: tf.data.Dataset,
             shape: tuple) -> List[MethodResult]:
     """TracIn with the final checkpoint (the gradient dot product) and with all four."""
-    models = []
-    for weights in checkpoints:
-        copy = keras.models.clone_model(model)
-        copy.set_weights(weights)
-        models.append(InfluenceModel(copy, start_layer=0, last_layer=-1, loss_function=_loss()))
+    models = checkpoint_models(model, checkpoints)
     results = []
     for label, chosen in (("TracIn, final checkpoint", models[-1:]),
                           (f"TracIn, {len(models)} checkpoints", models)):
@@ -218,6 +239,62 @@ def _tracin(model: keras.Model, checkpoints: List[List[np.ndarray]], train: tf.d
         scores = _matrix(calculator, test, train, shape)
         results.append(MethodResult(label, {None: scores}, None, time.perf_counter() - start, {None: 0.0}))
     return results
+
+
+def _tracin_projected(model: keras.Model, checkpoints: List[List[np.ndarray]], train: tf.data.Dataset,
+                      test: tf.data.Dataset, shape: tuple) -> MethodResult:
+    """TracIn over every checkpoint with the gradients projected to d = :data:`PROJECTION_DIM`."""
+    models = checkpoint_models(model, checkpoints)
+    start = time.perf_counter()
+    calculator = TracIn(models, [problems.LEARNING_RATE] * len(models),
+                        projector=GradientProjector(PROJECTION_DIM, seed=0))
+    scores = _matrix(calculator, test, train, shape)
+    seconds = time.perf_counter() - start
+    print(f"  projected TracIn: {seconds:.1f} s", flush=True)
+    return MethodResult(f"TracIn, {len(models)} checkpoints, projected (d = {PROJECTION_DIM})", {None: scores}, None,
+                        seconds, {None: 0.0})
+
+
+def _trak_swept(name: str, models: List[InfluenceModel], train: tf.data.Dataset, test: tf.data.Dataset,
+                shape: tuple, reweight: Optional[str]) -> MethodResult:
+    """One TRAK fit at the default damping (key None), re-damped for λ = 0 and every λ of :data:`TRAK_DAMPINGS`."""
+    start = time.perf_counter()
+    calculator = TRAK(models, train, projector=GradientProjector(PROJECTION_DIM, seed=0), reweight=reweight)
+    result = MethodResult(name, {}, None, time.perf_counter() - start)
+    for damping in (None, 0.0, *TRAK_DAMPINGS):
+        begin = time.perf_counter()
+        redamped = calculator if damping is None else calculator.with_regularization(damping, damping_heuristic=None)
+        try:
+            result.scores[damping] = _matrix(redamped, test, train, shape)
+            result.seconds_by_damping[damping] = time.perf_counter() - begin
+        except ValueError as error:
+            result.failures[damping] = str(error).split("\n", maxsplit=1)[0]
+    print(f"  {name}: default λ (0.1 × mean eigenvalue) = " + ", ".join(f"{value:.3g}" for value in calculator.dampings)
+          + f"; fit {result.fit_seconds:.1f} s, scores {np.median(list(result.seconds_by_damping.values())):.1f} s "
+          f"per damping ({len(result.scores)} scored, {len(result.failures)} failed)", flush=True)
+    return result
+
+
+def _trak(model: keras.Model, checkpoints: List[List[np.ndarray]], train: tf.data.Dataset, test: tf.data.Dataset,
+          shape: tuple) -> List[MethodResult]:
+    """TRAK of the margin (the paper's, reweighted by 1 - p) on the final checkpoint and over all of them, and TRAK of
+    the cross-entropy gradients on the final checkpoint."""
+    margin_models = checkpoint_models(model, checkpoints, margin_loss)
+    return [_trak_swept(f"TRAK, final checkpoint (margin, d = {PROJECTION_DIM})", margin_models[-1:], train, test,
+                        shape, "margin"),
+            _trak_swept(f"TRAK, {len(margin_models)} checkpoints (margin, d = {PROJECTION_DIM})", margin_models, train,
+                        test, shape, "margin"),
+            _trak_swept(f"TRAK, final checkpoint (cross-entropy, d = {PROJECTION_DIM})",
+                        checkpoint_models(model, checkpoints[-1:]), train, test, shape, None)]
+
+
+def _rps_lje(model: keras.Model, train: tf.data.Dataset, test: tf.data.Dataset, shape: tuple) -> MethodResult:
+    """RPS-LJE (exact inverse Hessian of the last layer), undamped."""
+    start = time.perf_counter()
+    calculator = RepresenterPointLJE(InfluenceModel(model, start_layer=-1, loss_function=_loss()), train,
+                                     ihvp_calculator="exact")
+    scores = _matrix(calculator, test, train, shape)
+    return MethodResult("RPS-LJE", {None: scores}, None, time.perf_counter() - start, {None: 0.0})
 
 
 def _rps_l2(model: keras.Model, train: tf.data.Dataset, test: tf.data.Dataset, shape: tuple) -> MethodResult:
