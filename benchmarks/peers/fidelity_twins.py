@@ -20,7 +20,8 @@ The twins are plain ``nn.Sequential``/``nn.Module`` trees of ``nn.Linear`` and `
 activations), the module types that kronfluence tracks and that Captum's fast per-sample gradients support.
 :func:`check_twin` compares the twin's logits with those Keras saved (``logits_test``).
 """
-from typing import List, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch  # pylint: disable=import-error
@@ -160,3 +161,28 @@ def check_twin(model: nn.Module, x_test: np.ndarray, keras_logits: np.ndarray, t
                          f"(tolerance {tolerance:.0e}, max |logit| = {np.max(np.abs(reference)):.3e}); check the "
                          f"weight layout (kernel transposes, NHWC flattening order) and the architecture")
     return difference
+
+
+def twin_builder(arrays: Dict[str, np.ndarray], dtype: torch.dtype) -> Callable[[Sequence[np.ndarray]], nn.Module]:
+    """``weights -> torch twin`` of the model a problem file describes (its ``model_kind`` and ``hidden_units``)."""
+    kind = str(arrays["model_kind"])
+    hidden = [int(width) for width in arrays.get("hidden_units", np.zeros(0, np.int64))]
+    return lambda weights: build_twin(kind, hidden, weights, dtype)
+
+
+def checkpoint_files(build: Callable[[Sequence[np.ndarray]], nn.Module], checkpoints: Sequence[Sequence[np.ndarray]],
+                     rates: Sequence[float], folder: Path) -> Tuple[List[str], Callable[[nn.Module, str], float]]:
+    """The checkpoints' state dicts saved as files in ``folder``, and Captum's ``checkpoints_load_func``: it loads
+    one into a model and returns its learning rate."""
+    paths = []
+    for index, weights in enumerate(checkpoints):
+        path = str(Path(folder) / f"checkpoint_{index}.pt")
+        torch.save(build(weights).state_dict(), path)
+        paths.append(path)
+    rate_of = dict(zip(paths, (float(rate) for rate in rates)))
+
+    def load_checkpoint(target: nn.Module, path: str) -> float:
+        target.load_state_dict(torch.load(path))
+        return rate_of[path]
+
+    return paths, load_checkpoint

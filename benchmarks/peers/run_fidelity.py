@@ -255,17 +255,7 @@ def run_tracin(build: Callable[[List[np.ndarray]], nn.Module], checkpoints: List
                folder: Path) -> Dict[str, Tuple[np.ndarray, float]]:
     """``TracInCP`` over the last checkpoint and over all of them: ``{name: ((T, N) scores, seconds)}``."""
     x_train, y_train, x_test, y_test = data
-    paths = []
-    for index, weights in enumerate(checkpoints):
-        path = str(folder / f"checkpoint_{index}.pt")
-        torch.save(build(weights).state_dict(), path)
-        paths.append(path)
-    learning_rate_of = dict(zip(paths, (float(rate) for rate in rates)))
-
-    def load_checkpoint(target: nn.Module, path: str) -> float:
-        target.load_state_dict(torch.load(path))
-        return learning_rate_of[path]
-
+    paths, load_checkpoint = fidelity_twins.checkpoint_files(build, checkpoints, rates, folder)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size)
     results = {}
     for name, selected in (("captum_tracin_final", paths[-1:]), ("captum_tracin_all", paths)):
@@ -312,12 +302,8 @@ def main() -> int:
     args = parse_args()
     warnings.filterwarnings("ignore")
     arrays, checkpoints = common.load_problem(args.problem)
-    kind = str(arrays["model_kind"])
-    hidden = [int(width) for width in arrays.get("hidden_units", np.zeros(0, np.int64))]
     dtype = DTYPES[args.dtype]
-
-    def build(weights: List[np.ndarray]) -> nn.Module:
-        return fidelity_twins.build_twin(kind, hidden, weights, dtype)
+    build = fidelity_twins.twin_builder(arrays, dtype)
 
     if "logits_test" not in arrays:
         raise SystemExit(f"{args.problem} has no 'logits_test': the torch twin cannot be checked against Keras")
@@ -329,7 +315,7 @@ def main() -> int:
             torch.from_numpy(arrays["x_test"]).to(dtype), torch.from_numpy(arrays["y_test"]).long())
     n_train, n_test = data[0].shape[0], data[2].shape[0]
     n_params = sum(parameter.numel() for parameter in build(checkpoints[-1]).parameters())
-    print(f"{kind} {hidden if kind == 'mlp' else ''} P={n_params} N={n_train} T={n_test} "
+    print(f"{arrays['model_kind']} {arrays.get('hidden_units', '')} P={n_params} N={n_train} T={n_test} "
           f"checkpoints={len(checkpoints)} dtype={args.dtype}; twin max |logit diff| = {difference:.2e}", flush=True)
 
     start = time.perf_counter()

@@ -116,10 +116,8 @@ def main() -> int:
     args = parse_args()
     warnings.filterwarnings("ignore")
     arrays, checkpoints = common.load_problem(args.problem)
-    kind = str(arrays["model_kind"])
-    hidden = [int(width) for width in arrays.get("hidden_units", np.zeros(0, np.int64))]
     dtype = DTYPES[args.dtype]
-    model = fidelity_twins.build_twin(kind, hidden, checkpoints[-1], dtype)
+    model = fidelity_twins.twin_builder(arrays, dtype)(checkpoints[-1])
     try:
         difference = fidelity_twins.check_twin(model, arrays["x_test"], arrays["logits_test"])
     except ValueError as error:
@@ -128,7 +126,8 @@ def main() -> int:
             torch.from_numpy(arrays["x_test"]).to(dtype), torch.from_numpy(arrays["y_test"]).long())
     train_set, test_set = TensorDataset(data[0], data[1]), TensorDataset(data[2], data[3])
     fit_set = train_set if args.fisher_repeats == 1 else ConcatDataset([train_set] * args.fisher_repeats)
-    print(f"{kind} N={len(train_set)} T={len(test_set)} dtype={args.dtype} threads={torch.get_num_threads()} "
+    print(f"{arrays['model_kind']} N={len(train_set)} T={len(test_set)} dtype={args.dtype} "
+          f"threads={torch.get_num_threads()} "
           f"seed={args.seed} fisher repeats={args.fisher_repeats}; twin max |logit diff| = {difference:.2e}",
           flush=True)
     out: Dict[str, np.ndarray] = {}

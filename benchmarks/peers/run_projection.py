@@ -196,29 +196,12 @@ class DotProductNeighbors(NearestNeighbors):
         return indices, values
 
 
-def _checkpoint_files(build: Callable[[List[np.ndarray]], nn.Module], checkpoints: List[List[np.ndarray]],
-                      rates: Sequence[float], folder: Path) -> Tuple[List[str], Callable[[nn.Module, str], float]]:
-    """State dicts of the checkpoints saved as files, and Captum's ``checkpoints_load_func`` returning their rates."""
-    paths = []
-    for index, weights in enumerate(checkpoints):
-        path = str(folder / f"checkpoint_{index}.pt")
-        torch.save(build(weights).state_dict(), path)
-        paths.append(path)
-    rate_of = dict(zip(paths, (float(rate) for rate in rates)))
-
-    def load_checkpoint(target: nn.Module, path: str) -> float:
-        target.load_state_dict(torch.load(path))
-        return rate_of[path]
-
-    return paths, load_checkpoint
-
-
 def run_captum_fast(build: Callable[[List[np.ndarray]], nn.Module], checkpoints: List[List[np.ndarray]],
                     rates: Sequence[float], data: Data, dims: Sequence[int], batch_size: int,
                     folder: Path) -> Results:
     """``TracInCPFastRandProj`` over all checkpoints, one per projection dim."""
     x_train, y_train, x_test, y_test = data
-    paths, load_checkpoint = _checkpoint_files(build, checkpoints, rates, folder)
+    paths, load_checkpoint = fidelity_twins.checkpoint_files(build, checkpoints, rates, folder)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size)
     results: Results = {}
     for dim in dims:
@@ -281,11 +264,7 @@ def main() -> int:
     args = parse_args()
     warnings.filterwarnings("ignore")
     arrays, checkpoints = common.load_problem(args.problem)
-    kind = str(arrays["model_kind"])
-    hidden = [int(width) for width in arrays.get("hidden_units", np.zeros(0, np.int64))]
-
-    def build(weights: List[np.ndarray]) -> nn.Module:
-        return fidelity_twins.build_twin(kind, hidden, weights, torch.float32)
+    build = fidelity_twins.twin_builder(arrays, torch.float32)
 
     try:
         difference = fidelity_twins.check_twin(build(checkpoints[-1]), arrays["x_test"], arrays["logits_test"])
@@ -295,7 +274,8 @@ def main() -> int:
             torch.from_numpy(arrays["x_test"]).float(), torch.from_numpy(arrays["y_test"]).long())
     rates = [float(rate) for rate in arrays["learning_rates"]]
     n_params = sum(parameter.numel() for parameter in build(checkpoints[-1]).parameters())
-    print(f"{kind} P={n_params} N={data[0].shape[0]} T={data[2].shape[0]} checkpoints={len(checkpoints)} float32, "
+    print(f"{arrays['model_kind']} P={n_params} N={data[0].shape[0]} T={data[2].shape[0]} "
+          f"checkpoints={len(checkpoints)} float32, "
           f"{args.threads} threads; twin max |logit diff| = {difference:.2e}", flush=True)
 
     rounds = [one_round(args, build, checkpoints, rates, data) for _ in range(args.repeats + 1)]
