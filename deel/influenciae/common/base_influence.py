@@ -77,7 +77,7 @@ class BaseInfluenceCalculator(TrainStreaming, SelfInfluenceCalculator):
         return {}
 
     def build_index(self, train_set: tf.data.Dataset, path: str, dtype: str = "float16", shard_size: int = 10_000,
-                    verbose: Optional[bool] = None) -> InfluenceIndex:
+                    verbose: Optional[bool] = None) -> Optional[InfluenceIndex]:
         """Compute the training set's influence vectors once and store them on disk at ``path``, for many queries
         (``top_k``, ``influence_matrix``) without recomputing them; reopen the index in a later process with
         :meth:`InfluenceIndex.load(path, calculator) <deel.influenciae.common.InfluenceIndex.load>`.
@@ -100,9 +100,10 @@ class BaseInfluenceCalculator(TrainStreaming, SelfInfluenceCalculator):
 
         Returns
         -------
-        InfluenceIndex
+        InfluenceIndex or None
             The complete index: ``size`` N, ``top_k(test_set, k, order)`` ((T, k) values and int64 indices),
-            ``influence_matrix(test_set)`` (T, N).
+            ``influence_matrix(test_set)`` (T, N). Under a multi-worker strategy the chief writes the index and
+            gets it; the other workers compute their share of every batch and get None.
 
         Raises
         ------

@@ -102,7 +102,8 @@ class HessianOperator(CurvatureOperator):
         dataset = self.train_set
         if self.hessian_batch_size:
             dataset = dataset.rebatch(self.hessian_batch_size)
-        executor = Executor(verbose=self.verbose, memory_budget_bytes=self.memory_budget_bytes)
+        executor = Executor(verbose=self.verbose, memory_budget_bytes=self.memory_budget_bytes,
+                            strategy=self.model.strategy)
         return executor.sum(self.model.batch_hessian_tensor, dataset, "Hessian", accumulate=tf.float64)
 
     def _dense_sum_by_products(self) -> Tuple[tf.Tensor, int]:
@@ -172,7 +173,7 @@ class ForwardOverBackwardHVP:
         first_batch = int(tf.shape(tf.nest.flatten(first)[0])[0])
         self.samples = None  # streamed: each product is one pass over train_dataset
         self.nb_samples = dataset_size(train_dataset)
-        self._executor = Executor(memory_budget_bytes=memory_budget_bytes)
+        self._executor = Executor(memory_budget_bytes=memory_budget_bytes, strategy=model.strategy)
         if structure_bytes(first) / first_batch * self.nb_samples <= memory_budget_bytes:
             self.samples = self._executor.gather(train_dataset)
         else:

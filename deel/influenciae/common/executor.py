@@ -4,7 +4,8 @@ Every pass over a dataset (per-sample gradients, influence vectors, Hessian sums
 dataset, streamed pairwise blocks) goes through an :class:`Executor`: it reads the batches (each checked for
 non-finite values as it is read), places the computation on the chosen device, reports progress, and offers the
 two primitives the methods need: **map** (one result per batch, yielded or concatenated) and **sum-reduce** (a sum
-over batches and the number of samples). A ``tf.distribute`` strategy will plug in here.
+over batches and the number of samples). Under a ``tf.distribute`` strategy with several replicas, every batch is
+split across the replicas and the results gathered (map) or all-reduced (sum): see :mod:`.distribution`.
 """
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -13,6 +14,7 @@ import tensorflow as tf
 from ..utils.batch_checks import compute_batches
 from ..utils.progress import progress_bar
 from ..utils.tf_operations import batch_count, get_device
+from .distribution import at_position, check_strategy, is_distributed, run_on_replicas
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES
 
 
@@ -20,9 +22,9 @@ class EmptyDatasetError(ValueError):
     """A pass over a dataset found no batch."""
 
 
-def concat_structures(parts: List[Any]) -> Any:
-    """Concatenate a list of equally structured batches along their first axis."""
-    return tf.nest.map_structure(lambda *tensors: tf.concat(tensors, axis=0), *parts)
+def concat_structures(parts: List[Any], axis: int = 0) -> Any:
+    """Concatenate a list of equally structured batches along ``axis`` (default: their first)."""
+    return tf.nest.map_structure(lambda *tensors: tf.concat(tensors, axis=axis), *parts)
 
 
 def first_dim(structure: Any) -> int:
@@ -41,13 +43,33 @@ class Executor:
         Progress bars: None (default) shows them in interactive sessions only (never under CI or pytest).
     memory_budget_bytes
         What a pass may hold beyond its inputs; callers read it to decide between holding and streaming.
+    strategy
+        A ``tf.distribute.Strategy``: with several replicas, each batch is split across them (``device`` is then
+        ignored: each replica computes on its own device). None (default): one device.
     """
 
     def __init__(self, device: Optional[str] = None, verbose: Optional[bool] = None,
-                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES):
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+                 strategy: Optional[tf.distribute.Strategy] = None):
         self.device = device
         self.verbose = verbose
         self.memory_budget_bytes = int(memory_budget_bytes)
+        self.strategy = check_strategy(strategy)
+        self._batch_index = 0
+
+    def apply(self, function: Callable[[Tuple], Any], batch: Tuple, axis: Optional[int] = 0,
+              batch_index: Optional[int] = None) -> Any:
+        """``function(batch)`` for one batch read by :meth:`batches`: on the executor's device, or split across the
+        replicas of its strategy, the per-replica results gathered along ``axis`` (the samples' axis of every result)
+        or summed (``axis=None``).
+
+        ``batch_index`` (default: the index of the last batch read) is what :func:`~.distribution.batch_position`
+        reports to ``function``."""
+        index = self._batch_index if batch_index is None else int(batch_index)
+        if is_distributed(self.strategy):
+            return run_on_replicas(self.strategy, function, batch, index, axis)
+        with tf.device(get_device(self.device)), at_position(index, 0):
+            return function(batch)
 
     def batches(self, dataset: tf.data.Dataset, description: Optional[str] = None,
                 name: Optional[str] = None) -> Iterator[Tuple]:
@@ -57,44 +79,45 @@ class Executor:
         checked = compute_batches(dataset, name)
         items = checked if description is None else progress_bar(checked, batch_count(dataset), description,
                                                                  self.verbose)
-        for batch in items:
+        for index, batch in enumerate(items):
+            self._batch_index = index
             yield tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
     def map(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset, description: Optional[str] = None,
-            name: Optional[str] = None) -> Iterator[Any]:
-        """``function(batch)`` for every batch, on the executor's device, lazily (one result at a time)."""
-        placement = get_device(self.device)
-        for batch in self.batches(dataset, description, name):
-            with tf.device(placement):
-                result = function(batch)
+            name: Optional[str] = None, axis: int = 0) -> Iterator[Any]:
+        """``function(batch)`` for every batch, lazily (one result at a time); ``axis`` is the samples' axis of the
+        results (see :meth:`apply`)."""
+        for result, _ in self.map_with_batches(function, dataset, description, name, axis):
             yield result
 
     def map_with_batches(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset,
-                         description: Optional[str] = None, name: Optional[str] = None) -> Iterator[Tuple[Any, Tuple]]:
+                         description: Optional[str] = None, name: Optional[str] = None,
+                         axis: int = 0) -> Iterator[Tuple[Any, Tuple]]:
         """``(function(batch), batch)`` for every batch, lazily."""
-        placement = get_device(self.device)
-        for batch in self.batches(dataset, description, name):
-            with tf.device(placement):
-                result = function(batch)
-            yield result, batch
+        for index, batch in enumerate(self.batches(dataset, description, name)):
+            yield self.apply(function, batch, axis, index), batch
 
     def concat(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset, description: Optional[str] = None,
-               name: Optional[str] = None) -> Any:
-        """The results of ``function`` over every batch, concatenated along their first axis.
+               name: Optional[str] = None, axis: int = 0) -> Any:
+        """The results of ``function`` over every batch, concatenated along ``axis`` (the samples' axis).
 
         Raises
         ------
         ValueError
             If the dataset is empty (the message names it ``name``).
         """
-        results = list(self.map(function, dataset, description, name))
+        results = list(self.map(function, dataset, description, name, axis))
         if not results:
             raise EmptyDatasetError(f"{dataset_name(dataset, name)} is empty.")
-        return concat_structures(results)
+        return concat_structures(results, axis)
 
     def gather(self, dataset: tf.data.Dataset, name: Optional[str] = None) -> Any:
-        """Every batch of ``dataset`` concatenated in memory: the dataset's structure with N rows."""
-        return self.concat(lambda batch: batch, dataset, None, name)
+        """Every batch of ``dataset`` concatenated in memory: the dataset's structure with N rows (read, not
+        distributed)."""
+        parts = list(self.batches(dataset, None, name))
+        if not parts:
+            raise EmptyDatasetError(f"{dataset_name(dataset, name)} is empty.")
+        return concat_structures(parts)
 
     def sum(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset, description: Optional[str] = None,
             name: Optional[str] = None, accumulate: Optional[tf.DType] = None) -> Tuple[Any, int]:
@@ -112,7 +135,8 @@ class Executor:
             If the dataset is empty.
         """
         total, count = None, 0
-        for result, batch in self.map_with_batches(function, dataset, description, name):
+        for index, batch in enumerate(self.batches(dataset, description, name)):
+            result = self.apply(function, batch, None, index)
             if total is None:
                 total = result
             else:

@@ -74,7 +74,7 @@ class FisherOperator(CurvatureOperator):
         self.kind = kind
         self.from_logits = from_logits
         self.train_set = train_set
-        self._executor = Executor(verbose=verbose, memory_budget_bytes=memory_budget_bytes)
+        self._executor = Executor(verbose=verbose, memory_budget_bytes=memory_budget_bytes, strategy=model.strategy)
 
     def gradient_rows(self, batch: Tuple) -> tf.Tensor:
         """Rows R whose Gram matrix ``Rᵀ R`` is the batch's summed Fisher: (B, P) (empirical) or (C·B, P) (true)."""

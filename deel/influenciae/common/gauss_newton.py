@@ -294,7 +294,7 @@ class GaussNewtonOperator(CurvatureOperator):
         self.memory_budget_bytes = int(memory_budget_bytes)
         self.verbose = verbose
         self.kernels = gauss_newton_kernels(model.kernels)
-        self._executor = Executor(verbose=verbose, memory_budget_bytes=memory_budget_bytes)
+        self._executor = Executor(verbose=verbose, memory_budget_bytes=memory_budget_bytes, strategy=model.strategy)
         first = next(iter(compute_batches(train_set.take(1))), None)
         if first is None:
             raise ValueError("train_set is empty.")

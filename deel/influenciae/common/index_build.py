@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from ..utils.tf_operations import assert_batched_dataset, dataset_size, get_device
+from ..utils.tf_operations import assert_batched_dataset, dataset_size
+from .distribution import is_chief, value_of_chief
 from .executor import first_dim
 from .index_format import (MANIFEST_NAME, TEMP_PREFIX, atomic_save_array, atomic_write_manifest,
                            calculator_fingerprint, check_path, check_positive_int, check_storage_dtype,
@@ -187,7 +188,7 @@ def _known_size(dataset: tf.data.Dataset) -> Optional[int]:
 
 
 def build_index(calculator: Any, train_set: tf.data.Dataset, path: str, dtype: str = "float16",
-                shard_size: int = 10_000, verbose: Optional[bool] = None) -> InfluenceIndex:
+                shard_size: int = 10_000, verbose: Optional[bool] = None) -> Optional[InfluenceIndex]:
     """Compute the training-side influence vectors of ``calculator`` once and store them at ``path``.
 
     Parameters
@@ -210,8 +211,9 @@ def build_index(calculator: Any, train_set: tf.data.Dataset, path: str, dtype: s
 
     Returns
     -------
-    InfluenceIndex
-        The complete index.
+    InfluenceIndex or None
+        The complete index. Under a multi-worker strategy, the chief writes the index and gets it; every other
+        worker computes its replicas' part of each batch, writes nothing and gets None.
 
     Raises
     ------
@@ -229,26 +231,32 @@ def build_index(calculator: Any, train_set: tf.data.Dataset, path: str, dtype: s
     shard_size = check_positive_int(shard_size, "shard_size")
     directory = check_path(path)
     fingerprint, configuration = calculator_fingerprint(calculator)
-    manifest = _open_for_build(directory, fingerprint, configuration, dtype, shard_size)
-    if manifest["complete"]:
-        size = _known_size(train_set)
-        if size is not None and size != manifest["size"]:
-            raise ValueError(f"The index at {directory!r} is complete with {manifest['size']} rows but train_set has "
-                             f"{size} samples: it was built from another training set. Use another path, or delete "
-                             "the directory to build the index of this one.")
-        return InfluenceIndex._open(directory, calculator, manifest, verify=False)  # pylint: disable=W0212
-    writer = _ShardWriter(directory, manifest)
-    resume_at = writer.rows_done
     executor = index_executor(calculator, verbose)
-    placement = get_device(executor.device)
+    writer = None
+    if is_chief(executor.strategy):
+        manifest = _open_for_build(directory, fingerprint, configuration, dtype, shard_size)
+        if manifest["complete"]:
+            size = _known_size(train_set)
+            if size is not None and size != manifest["size"]:
+                raise ValueError(f"The index at {directory!r} is complete with {manifest['size']} rows but train_set "
+                                 f"has {size} samples: it was built from another training set. Use another path, or "
+                                 "delete the directory to build the index of this one.")
+        else:
+            writer = _ShardWriter(directory, manifest)
+    # Every worker computes the same batches: the rows to resume at (-1: complete) are the chief's.
+    resume_at = value_of_chief(executor.strategy, -1 if writer is None else writer.rows_done)
+    if resume_at < 0:  # complete
+        if not is_chief(executor.strategy):
+            return None
+        return InfluenceIndex._open(directory, calculator, manifest, verify=False)  # pylint: disable=W0212
     offset = 0
     for batch in executor.batches(train_set, "influence index", "train_set"):
         rows = first_dim(batch)
         if offset + rows > resume_at:  # batches inside completed shards are read (counted), not computed
-            with tf.device(placement):
-                vectors = calculator._compute_influence_vector(batch)  # pylint: disable=protected-access
+            vectors = executor.apply(calculator._compute_influence_vector, batch)  # pylint: disable=protected-access
             skip = max(0, resume_at - offset)
-            writer.add(vectors, rows, skip, offset + skip)
+            if writer is not None:
+                writer.add(vectors, rows, skip, offset + skip)
         offset += rows
     if offset == 0:
         raise ValueError("train_set is empty.")
@@ -256,5 +264,7 @@ def build_index(calculator: Any, train_set: tf.data.Dataset, path: str, dtype: s
         raise ValueError(f"train_set has {offset} samples but the index at {directory!r} already holds {resume_at} "
                          "rows computed from its training set: resume with the same training set (same samples, "
                          "order and batches), or delete the directory to build the index again.")
+    if writer is None:
+        return None
     writer.flush(complete=True)
     return InfluenceIndex._open(directory, calculator, writer.manifest, verify=False)  # pylint: disable=W0212

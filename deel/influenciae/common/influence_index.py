@@ -32,6 +32,7 @@ from ..utils.nearest_neighbors import initial_top_k_state, merge_top_k
 from ..utils.progress import progress_bar
 from ..utils.sorted_dict import ORDER
 from ..utils.tf_operations import assert_batched_dataset, dataset_size, get_device
+from .distribution import calculator_strategy
 from .executor import Executor, concat_structures, first_dim
 from .index_format import (calculator_fingerprint, check_path, check_positive_int, open_shard_file, pack_vectors,
                            read_manifest)
@@ -60,7 +61,7 @@ def index_executor(calculator: Any, verbose: Optional[bool] = None) -> Executor:
     """The calculator's streaming executor (its device, ``verbose`` and memory budget), ``verbose`` overridden."""
     make = getattr(calculator, "_streaming_executor", None)
     executor = make() if callable(make) else Executor(None, getattr(calculator, "verbose", None), getattr(
-        calculator, "memory_budget_bytes", DEFAULT_MEMORY_BUDGET_BYTES))
+        calculator, "memory_budget_bytes", DEFAULT_MEMORY_BUDGET_BYTES), calculator_strategy(calculator))
     if verbose is not None:
         executor.verbose = bool(verbose)
     return executor

@@ -135,7 +135,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
             LOGGER.info("The head's inputs of %s are computed on every pass (above memory_budget_bytes=%d).",
                         type(self).__name__, self.memory_budget_bytes)
             return dataset.map(lambda *batch: self._features_of(batch))
-        executor = Executor(memory_budget_bytes=self.memory_budget_bytes)
+        executor = Executor(memory_budget_bytes=self.memory_budget_bytes, strategy=self.model.strategy)
         stacked = tuple(executor.concat(self._features_of, dataset))
         return tf.data.Dataset.from_tensor_slices(stacked).batch(hvp_batch_size or first_size)
 

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..utils.progress import LOGGER
+from .distribution import batch_position
 from .executor import Executor
 from .factor_kernels import compiled_for_batches
 from .fisher import FISHER_KINDS, _loss_from_logits  # pylint: disable=protected-access
@@ -49,17 +50,25 @@ def _shared_pass(model: BaseInfluenceModel, key: Tuple, function: Callable[..., 
 
 
 def _labelled(model: BaseInfluenceModel, fisher: Tuple[str, int, Optional[bool]], batch: Tuple,
-              batch_index: tf.Tensor, stage: int) -> Tuple:
-    """The batch with the true Fisher's labels drawn from the model (``fisher = (kind, seed, from_logits)``; seeded
-    by seed, batch and stage); the batch itself for the empirical Fisher."""
+              position: tf.Tensor, stage: int) -> Tuple:
+    """The batch with the true Fisher's labels drawn from the model (``fisher = (kind, seed, from_logits)``); the
+    batch itself for the empirical Fisher.
+
+    The draw of a sample depends only on the seed, the stage and where the sample lies in the dataset (``position``
+    = (batch index, first row of the slice), int64): Gumbel-max over noise generated for the batch's rows up to the
+    slice's end, so a batch split across replicas draws the same labels as on one device."""
     kind, seed, from_logits = fisher
     if kind == "empirical":
         return batch
     inputs, labels = batch[0], batch[1]
     outputs = tf.cast(model(inputs), tf.float32)
     logits = outputs if from_logits else tf.math.log(tf.maximum(outputs, 1e-30))
-    seeds = tf.stack([tf.constant(seed, tf.int64) * 7919 + stage, tf.cast(batch_index, tf.int64)])
-    drawn = tf.random.stateless_categorical(logits, 1, seed=seeds)[:, 0]
+    seeds = tf.stack([tf.constant(seed, tf.int64) * 7919 + stage, tf.cast(position[0], tf.int64)])
+    offset = tf.cast(position[1], tf.int32)
+    rows = tf.shape(logits)[0]
+    uniform = tf.random.stateless_uniform(tf.stack([offset + rows, tf.shape(logits)[1]]), seeds, minval=1e-20,
+                                          maxval=1.0)[offset:]
+    drawn = tf.argmax(logits - tf.math.log(-tf.math.log(uniform)), axis=-1)
     if labels.shape.rank == 1 or int(labels.shape[-1]) == 1:
         labels = tf.reshape(tf.cast(drawn, labels.dtype), tf.shape(labels))
     else:
@@ -178,7 +187,7 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
         self.solve_dtype = tf.as_dtype(solve_dtype or (tf.float64 if model.dtype == tf.float64 else tf.float32))
         if self.solve_dtype not in (tf.float32, tf.float64):
             raise ValueError(f"solve_dtype must be float32 or float64, got {self.solve_dtype.name}.")
-        self.executor = Executor(verbose=verbose, memory_budget_bytes=memory_budget_bytes)
+        self.executor = Executor(verbose=verbose, memory_budget_bytes=memory_budget_bytes, strategy=model.strategy)
         self.structure: Optional[BlockStructure] = None
         self.state: Dict[str, Dict[str, np.ndarray]] = {}
         self._compiled: Dict[str, Any] = {}
@@ -278,19 +287,23 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
 
     def _stream(self, name: str, statistics: Callable[..., Any], description: str,
                 arguments: Tuple = ()) -> Tuple[Any, int]:
-        """Σ over the batches of a compiled ``statistics(batch, batch_index, *arguments)`` (shared by the solvers
-        of the model, see ``_SHARED_PASSES``), in float64, and N."""
+        """Σ over the batches of a compiled ``statistics(batch, position, *arguments)`` (shared by the solvers of the
+        model, see ``_SHARED_PASSES``; ``position`` = (batch index, first row) of the rows computed), in float64,
+        and N."""
         key = (name, self._fisher_key, self.statistics_dtype.name, self.blocks)
         compiled = self._compiled[name] = _shared_pass(self.model, key, statistics)
-        counter = iter(range(1 << 62))
-        return self.executor.sum(lambda batch: compiled(batch, tf.constant(next(counter), tf.int64), *arguments),
+
+        def summed(batch: Tuple) -> Any:
+            return compiled(batch, tf.constant(tuple(batch_position()), tf.int64), *arguments)
+
+        return self.executor.sum(summed,
                                  self.train_set, description, name="train_dataset", accumulate=tf.float64)
 
     def _fit_covariances(self, blocks: Tuple[KroneckerBlock, ...]) -> None:
         model, dtype, fisher = self.model, self.statistics_dtype, self._fisher_key
 
-        def statistics(batch: Tuple, batch_index: tf.Tensor) -> Tuple:
-            factors = model.layer_factors.in_graph(_labelled(model, fisher, batch, batch_index, 0))
+        def statistics(batch: Tuple, position: tf.Tensor) -> Tuple:
+            factors = model.layer_factors.in_graph(_labelled(model, fisher, batch, position, 0))
             sums = []
             for block in blocks:
                 layer = factors.layers[block.factor_index]
@@ -324,8 +337,8 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
                        tf.constant(self.state[str(index)]["outputs_basis"], dtype))
                       for index, block in enumerate(blocks))
 
-        def statistics(batch: Tuple, batch_index: tf.Tensor, block_bases: Tuple) -> Tuple:
-            factors = model.layer_factors.in_graph(_labelled(model, fisher, batch, batch_index, 1))
+        def statistics(batch: Tuple, position: tf.Tensor, block_bases: Tuple) -> Tuple:
+            factors = model.layer_factors.in_graph(_labelled(model, fisher, batch, position, 1))
             return tuple(squared_rotated_sum(block, factors.layers[block.factor_index], *basis)
                          for block, basis in zip(blocks, block_bases))
 

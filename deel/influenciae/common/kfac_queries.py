@@ -60,7 +60,7 @@ class CompressedQueries:
         assert_batched_dataset(test_set, "test_set")
         self.solver = solver.fit()
         self.rank = None if rank is None else int(rank)
-        self.executor = Executor(verbose=verbose)
+        self.executor = Executor(verbose=verbose, strategy=solver.model.strategy)
         model = solver.model
         gradients = self.executor.concat(model.batch_jacobian_tensor, test_set, "test gradients", name="test_set")
         preconditioned = tf.transpose(tf.cast(solver.apply_inverse(tf.transpose(gradients)), tf.float64))
@@ -116,5 +116,5 @@ class CompressedQueries:
         ``train_set``: (T, N) float64, streaming the training set."""
         assert_batched_dataset(train_set, "train_set")
         blocks = list(self.executor.map(lambda batch: self._score(tuple(batch)), train_set, "query scores",
-                                        name="train_set"))
+                                        name="train_set", axis=1))
         return tf.concat(blocks, axis=1)

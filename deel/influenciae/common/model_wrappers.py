@@ -11,6 +11,7 @@ from ..utils.batch_checks import batch_origin, check_finite_batch
 from ..utils.tf_operations import assert_batched_dataset, default_process_batch, from_layer_name_to_layer_idx
 from .autodiff import LossKernels
 from .compat import loss_given_as_last_layer
+from .distribution import resolve_strategy
 from .executor import EmptyDatasetError, Executor
 from .factor_kernels import LayerFactorKernels
 
@@ -58,6 +59,10 @@ class BaseInfluenceModel:
         ``(x, y, sample_weight)``.
     weights_processed
         True when ``weights_to_watch`` is already a flat list of variables.
+    strategy
+        The ``tf.distribute.Strategy`` every pass over data of this model (and of the calculators built on it)
+        runs under: each batch is split across its replicas. Default: the strategy whose ``scope()`` is open when
+        the influence model is built, else None (one device).
 
     Attributes
     ----------
@@ -65,12 +70,15 @@ class BaseInfluenceModel:
         The watched variables, in order; gradients are flattened row-major and concatenated in this order.
     nb_params : int
         P, the number of watched parameters.
+    strategy : tf.distribute.Strategy or None
+        The strategy the passes over data run under.
     """
 
     def __init__(self, model: keras.Model, weights_to_watch: Optional[Sequence[Any]] = None,
                  loss_function: Optional[Callable] = None,
                  process_batch_for_loss_fn: ProcessBatchTypeAlias = default_process_batch,
-                 weights_processed: bool = False):
+                 weights_processed: bool = False, strategy: Optional[tf.distribute.Strategy] = None):
+        self.strategy = resolve_strategy(strategy)
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras 3 model (keras.Model), got {type(model).__name__}.")
         if not model.built:
@@ -177,9 +185,13 @@ class BaseInfluenceModel:
         return batch
 
     # Dataset-level helpers (eager) ---------------------------------------------------------------
-    def _over_batches(self, dataset: tf.data.Dataset, kernel: Callable, name: str) -> List[tf.Tensor]:
+    def _over_batches(self, dataset: tf.data.Dataset, kernel: Callable, name: str,
+                      axis: Optional[int] = 0) -> List[tf.Tensor]:
+        """``kernel`` of every batch: per-sample results (rows along ``axis``) or, with ``axis=None``, sums over the
+        batch's samples."""
         assert_batched_dataset(dataset, name)
-        results = list(Executor().map(kernel, dataset))
+        executor = Executor(strategy=self.strategy)
+        results = [executor.apply(kernel, batch, axis) for batch in executor.batches(dataset)]
         if not results:
             raise EmptyDatasetError(f"{name} is empty.")
         return results
@@ -202,7 +214,7 @@ class BaseInfluenceModel:
 
     def batch_gradient(self, dataset: tf.data.Dataset) -> tf.Tensor:
         """Gradients of the summed loss of every batch: (n_batches, P)."""
-        gradients = tf.stack(self._over_batches(dataset, self.batch_gradient_tensor, "dataset"), axis=0)
+        gradients = tf.stack(self._over_batches(dataset, self.batch_gradient_tensor, "dataset", None), axis=0)
         assert_finite(gradients, "batch gradients")
         return gradients
 
@@ -270,7 +282,7 @@ class InfluenceModel(BaseInfluenceModel):
     last_layer
         Last watched layer (inclusive; name or index, negative counted from the end). Defaults to watching only
         ``start_layer``.
-    loss_function, process_batch_for_loss_fn
+    loss_function, process_batch_for_loss_fn, strategy
         See :class:`BaseInfluenceModel`. A callable given as third positional argument (``last_layer``) while
         ``loss_function`` is not given is taken as the loss, as in the reference's README
         (``InfluenceModel(model, start_layer, loss)``), with a ``DeprecationWarning``: pass ``loss_function=``.
@@ -283,7 +295,8 @@ class InfluenceModel(BaseInfluenceModel):
 
     def __init__(self, model: keras.Model, start_layer: Optional[Union[str, int]] = None,
                  last_layer: Optional[Union[str, int]] = None, loss_function: Optional[Callable] = None,
-                 process_batch_for_loss_fn: ProcessBatchTypeAlias = default_process_batch):
+                 process_batch_for_loss_fn: ProcessBatchTypeAlias = default_process_batch,
+                 strategy: Optional[tf.distribute.Strategy] = None):
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras 3 model (keras.Model), got {type(model).__name__}.")
         if not model.built:
@@ -309,4 +322,5 @@ class InfluenceModel(BaseInfluenceModel):
         if not weights:
             names = [layer.name for layer in selected]
             raise ValueError(f"The selected layers {names} have no trainable weights.")
-        super().__init__(model, weights, loss_function, process_batch_for_loss_fn, weights_processed=True)
+        super().__init__(model, weights, loss_function, process_batch_for_loss_fn, weights_processed=True,
+                         strategy=strategy)

@@ -13,6 +13,7 @@ import tensorflow as tf
 from ..utils.nearest_neighbors import LinearNearestNeighbors
 from ..utils.sorted_dict import ORDER
 from ..utils.tf_operations import assert_batched_dataset, dataset_size, map_to_device
+from .distribution import calculator_strategy
 from .executor import Executor
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES
 from .model_wrappers import BaseInfluenceModel, assert_finite
@@ -80,10 +81,17 @@ class SelfInfluenceCalculator(ABC):
         return map_to_device(train_set, lambda *batch: (batch, self._compute_influence_value_from_batch(batch)),
                              device)
 
+    @property
+    def strategy(self) -> Optional[tf.distribute.Strategy]:
+        """The ``tf.distribute.Strategy`` this calculator's passes over data run under: its influence model's
+        (``InfluenceModel(..., strategy=...)``, or the strategy in scope when the model was wrapped); None: one
+        device."""
+        return calculator_strategy(self)
+
     def _executor(self, device: Optional[str] = None) -> Executor:
-        """The executor of this calculator's passes (its ``verbose`` and ``memory_budget_bytes``)."""
+        """The executor of this calculator's passes (its ``verbose``, ``memory_budget_bytes`` and strategy)."""
         return Executor(device, getattr(self, "verbose", None),
-                        getattr(self, "memory_budget_bytes", DEFAULT_MEMORY_BUDGET_BYTES))
+                        getattr(self, "memory_budget_bytes", DEFAULT_MEMORY_BUDGET_BYTES), self.strategy)
 
     def self_influence(self, train_set: tf.data.Dataset, device: Optional[str] = None) -> tf.Tensor:
         """Self-influence of every training sample, computed now: (N,) (``train_set`` and ``device`` as in

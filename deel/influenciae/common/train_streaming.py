@@ -20,6 +20,7 @@ from ..utils.nearest_neighbors import initial_top_k_state, merge_top_k
 from ..utils.sorted_dict import ORDER
 from ..utils.batch_checks import compute_batches
 from ..utils.tf_operations import dataset_size
+from .distribution import calculator_strategy
 from .executor import Executor, concat_structures, first_dim
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES, structure_bytes
 from .model_wrappers import assert_finite
@@ -54,7 +55,7 @@ class TrainStreaming:  # pylint: disable=no-member
 
     # Machinery ----------------------------------------------------------------------------------
     def _streaming_executor(self) -> Executor:
-        return Executor(None, self.verbose, self.memory_budget_bytes)
+        return Executor(None, self.verbose, self.memory_budget_bytes, calculator_strategy(self))
 
     def _test_side_bytes_per_sample(self) -> Optional[int]:
         """Bytes of the test side of one sample when known beforehand (then the test side of a whole chunk is
@@ -86,7 +87,7 @@ class TrainStreaming:  # pylint: disable=no-member
         """``(values (T, B), training batch)`` for every training batch, with a progress bar."""
         executor = self._streaming_executor()
         for block, batch in executor.map_with_batches(lambda batch: self._streamed_block(test_side, batch), train_set,
-                                                      description):
+                                                      description, axis=1):
             assert_finite(block, "influence values")
             yield block, batch
 

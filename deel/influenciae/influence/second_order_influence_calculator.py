@@ -62,7 +62,7 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
     def _group_gradient(self, group: tf.data.Dataset) -> Tuple[tf.Tensor, int]:
         """``Σ_{z∈U} g(z)`` (P,) and m = |U| (batches may differ in size)."""
         assert_batched_dataset(group, "group")
-        total, size = _group_sum(self.model.batch_gradient_tensor, group)
+        total, size = _group_sum(self.model.batch_gradient_tensor, group, self.model.strategy)
         assert_finite(total, "group gradient")
         return total, size
 
@@ -81,7 +81,8 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
 
     def _compute_pairwise_interactions(self, group: tf.data.Dataset, additive_term: tf.Tensor) -> tf.Tensor:
         """``Π = H⁻¹ (Σ_{u∈U} ∇²ℓ_u) A``: (P, 1), the Hessian of U applied batch-wise (summed HVPs)."""
-        group_hvp, _ = _group_sum(lambda batch: self.model.batch_hvp_tensor(batch, additive_term), group)
+        group_hvp, _ = _group_sum(lambda batch: self.model.batch_hvp_tensor(batch, additive_term), group,
+                                  self.model.strategy)
         return self.ihvp_calculator.solve(group_hvp)
 
     def compute_influence_vector_group(self, group_train: tf.data.Dataset) -> tf.Tensor:
@@ -123,9 +124,10 @@ class SecondOrderInfluenceCalculator(BaseGroupInfluenceCalculator):
         return tf.matmul(evaluate_gradient, tf.cast(influence_vector, evaluate_gradient.dtype), transpose_b=True)
 
 
-def _group_sum(function: Any, group: tf.data.Dataset) -> Tuple[tf.Tensor, int]:
-    """``(Σ_batches function(batch), |U|)`` over a group; ``ValueError`` when it is empty."""
+def _group_sum(function: Any, group: tf.data.Dataset, strategy: Optional[tf.distribute.Strategy] = None
+               ) -> Tuple[tf.Tensor, int]:
+    """``(Σ_batches function(batch), |U|)`` over a group (under ``strategy``); ``ValueError`` when it is empty."""
     try:
-        return Executor().sum(function, group)
+        return Executor(strategy=strategy).sum(function, group)
     except EmptyDatasetError as error:
         raise EmptyDatasetError("The group is empty.") from error

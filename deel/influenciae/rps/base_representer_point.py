@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
+from ..common.distribution import resolve_strategy
 from ..common.model_wrappers import check_unreduced_loss
 from ..utils.model_split import LayerInputCapture, NotSplittableError, split_model
 from ..utils.tf_operations import assert_batched_dataset, find_layer
@@ -55,6 +56,9 @@ class BaseRepresenterPoint(BaseInfluenceCalculator):
         Per-sample (un-reduced) loss, or None where the method does not need one.
     target_layer
         Where the features are taken: the input of this layer (name or index; default -1, the last Dense).
+    strategy
+        The ``tf.distribute.Strategy`` of the passes over data (default: the one in scope at construction, else
+        none).
 
     Raises
     ------
@@ -63,8 +67,9 @@ class BaseRepresenterPoint(BaseInfluenceCalculator):
     """
 
     def __init__(self, model: keras.Model, train_set: tf.data.Dataset, loss_function: Optional[Callable],
-                 target_layer: Union[int, str] = -1):
+                 target_layer: Union[int, str] = -1, strategy: Optional[tf.distribute.Strategy] = None):
         check_last_layer(model)
+        self._strategy = resolve_strategy(strategy)
         assert_batched_dataset(train_set, "train_set")
         if loss_function is not None:
             check_unreduced_loss(loss_function)

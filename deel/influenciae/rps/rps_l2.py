@@ -73,6 +73,9 @@ class RepresenterPointL2(BaseRepresenterPoint):
         Cap on the Newton–CG refinement steps (0 disables them).
     gradient_tolerance
         Stop when ``||∇J|| <= gradient_tolerance · 2 λ ||W||`` (relative error of the representer theorem).
+    strategy
+        The ``tf.distribute.Strategy`` of the passes over data (default: the one in scope at construction, else
+        none).
 
     Attributes
     ----------
@@ -91,7 +94,7 @@ class RepresenterPointL2(BaseRepresenterPoint):
     def __init__(self, model: keras.Model, train_set: tf.data.Dataset, loss_function: Optional[Callable] = None,
                  lambda_regularization: float = 1e-3, scaling_factor: float = 0.1, epochs: int = 100,
                  layer_index: Union[int, str] = -1, surrogate_target: str = "labels", newton_iterations: int = 20,
-                 gradient_tolerance: float = 1e-9):
+                 gradient_tolerance: float = 1e-9, strategy: Optional[tf.distribute.Strategy] = None):
         if surrogate_target not in ("labels", "logits"):
             raise ValueError(f"surrogate_target must be 'labels' or 'logits', got {surrogate_target!r}.")
         if surrogate_target == "labels" and loss_function is None:
@@ -106,7 +109,7 @@ class RepresenterPointL2(BaseRepresenterPoint):
         if not np.isfinite(lambda_regularization) or lambda_regularization <= 0:
             raise ValueError(f"lambda_regularization must be a finite number > 0, got {lambda_regularization}.")
         assert_batched_dataset(train_set, "train_set")
-        super().__init__(model, train_set, loss_function, layer_index)
+        super().__init__(model, train_set, loss_function, layer_index, strategy)
         self.surrogate_target = surrogate_target
         self.surrogate_loss = squared_logit_distance if loss_function is None else loss_function
         self.lambda_regularization = lambda_regularization
@@ -130,7 +133,7 @@ class RepresenterPointL2(BaseRepresenterPoint):
             z = self._features(batch[0])
             return tf.cast(z, tf.float64), tf.cast(self._original_logits(z), tf.float64), batch[1]
 
-        return Executor().concat(of_batch, self.train_set, name="train_set")
+        return Executor(strategy=self.strategy).concat(of_batch, self.train_set, name="train_set")
 
     def _initial_kernel(self, nb_features: int) -> tf.Tensor:
         kernel = self._last_layer.kernel

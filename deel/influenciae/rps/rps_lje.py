@@ -71,7 +71,7 @@ class RepresenterPointLJE(BaseRepresenterPoint):
             raise ValueError(f"RepresenterPointLJE expands the last layer only: target_layer must be -1 (the last "
                              f"layer), got {target_layer!r}.")
         assert_batched_dataset(train_set, "train_set")
-        super().__init__(model, train_set, influence_model.loss_function, -1)
+        super().__init__(model, train_set, influence_model.loss_function, -1, influence_model.strategy)
         self.process_batch_for_loss_fn = influence_model.process_batch_for_loss_fn
         self.shuffle_buffer_size = shuffle_buffer_size
         self.epsilon = float(epsilon)
@@ -82,7 +82,8 @@ class RepresenterPointLJE(BaseRepresenterPoint):
                                              n_samples_for_hessian, seed, shuffle_buffer_size)
         self.perturbed_head = keras.models.clone_model(self.original_head)
         self.perturbed_head.set_weights(self.original_head.get_weights())
-        self.head_model = InfluenceModel(self.perturbed_head, start_layer=-1, loss_function=self.loss_function)
+        self.head_model = InfluenceModel(self.perturbed_head, start_layer=-1, loss_function=self.loss_function,
+                                         strategy=self.strategy)
         self._perturb_head()
         self.ihvp_calculator = build_solver("exact" if ihvp_calculator is None else ihvp_calculator,
                                             self.head_model, self.hessian_dataset)
@@ -97,12 +98,12 @@ class RepresenterPointLJE(BaseRepresenterPoint):
             inputs, targets, _ = self.process_batch_for_loss_fn(batch)
             return self._features(inputs), targets
 
-        features, labels = Executor().concat(of_batch, self.train_set, name="train_set")
+        features, labels = Executor(strategy=self.strategy).concat(of_batch, self.train_set, name="train_set")
         return features, labels, first_batch_size(self.train_set)
 
     def _perturb_head(self) -> None:
         """``W' = W + η Σ_i g_i(W)`` over the Hessian samples."""
-        total, _ = Executor().sum(self.head_model.batch_gradient_tensor, self.hessian_dataset)
+        total, _ = Executor(strategy=self.strategy).sum(self.head_model.batch_gradient_tensor, self.hessian_dataset)
         assert_finite(total, "gradients of the head")
         kernel = self.perturbed_head.layers[-1].kernel
         kernel.assign(kernel.value + tf.cast(self.perturbation_lr, kernel.dtype) * tf.reshape(total, kernel.shape))

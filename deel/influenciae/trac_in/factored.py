@@ -42,20 +42,21 @@ class FactoredTracInKernels:
         through the whole model); False until the checkpoints' plans are built (first batch)."""
         return all(factors.plan is not None and factors.plan.fully_factored for factors in self.factors)
 
-    def _usable(self, batch: Tuple) -> bool:
+    def usable(self, batch: Tuple) -> bool:
+        """Whether the factored products apply to batches shaped like ``batch`` (rows one per sample)."""
         return all(factors.plan_for(batch).uses_layers for factors in self.factors)
 
     def pairwise(self, test_batch: Tuple, train_batch: Tuple, rates: tf.Tensor) -> Optional[tf.Tensor]:
         """``Σ_k lr_k g_k(t)·g_k(z)``: (B_t, B), or None (see the class)."""
         test_batch, train_batch = tuple(test_batch), tuple(train_batch)
-        if not self._usable(test_batch):
+        if not self.usable(test_batch):
             return None
         return self._compiled().pairwise(test_batch, train_batch, rates)
 
     def squared_norms(self, batch: Tuple, rates: tf.Tensor) -> Optional[tf.Tensor]:
         """``Σ_k lr_k ||g_k(z)||²``: (B,), or None (see the class)."""
         batch = tuple(batch)
-        if not self._usable(batch):
+        if not self.usable(batch):
             return None
         return self._compiled().squared_norms(batch, rates)
 
@@ -63,7 +64,7 @@ class FactoredTracInKernels:
         """``[scales[0] g_1, ..., scales[K-1] g_K]`` in the layout of the checkpoints' per-sample gradients:
         (B, Σ_k P_k), or None (see the class)."""
         batch = tuple(batch)
-        if not self._usable(batch):
+        if not self.usable(batch):
             return None
         return self._compiled().gradients(batch, scales)
 

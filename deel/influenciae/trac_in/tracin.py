@@ -143,13 +143,15 @@ class TracIn(BaseInfluenceCalculator):
         None when the checkpoints' structure is not supported."""
         if self._factored is None:
             return None
-        columns = []
-        for batch in self._streaming_executor().batches(train_set, "influence matrix"):
+        if not all(self._factored.usable(tuple(test_batch)) for test_batch in test_batches):
+            return None
+
+        def block(batch: Tuple) -> tf.Tensor:
             blocks = [self._factored.pairwise(test_batch, batch, self._rates) for test_batch in test_batches]
-            if any(block is None for block in blocks):
-                return None
-            columns.append(blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0))
-        return columns
+            return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)
+
+        executor = self._streaming_executor()
+        return [executor.apply(block, batch, axis=1) for batch in executor.batches(train_set, "influence matrix")]
 
     def _pairwise_block(self, test_gradients: List[tf.Tensor], train_samples: Tuple) -> tf.Tensor:
         """``Σ_k lr_k g_k(t)·g_k(z)`` for the test gradients of every checkpoint and a training batch: (B_t, B)."""
@@ -186,7 +188,7 @@ class TracIn(BaseInfluenceCalculator):
             test_gradients = [tf.concat(parts, axis=0)
                               for parts in zip(*[self._checkpoint_gradients(batch) for batch in test_batches])]
             columns = list(executor.map(lambda batch: self._pairwise_block(test_gradients, batch), train_set,
-                                        "influence matrix"))
+                                        "influence matrix", axis=1))
         if not columns:
             raise ValueError("train_set is empty.")
         values = tf.concat(columns, axis=1)

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
-from ..common.executor import Executor, first_dim
+from ..common.executor import first_dim
 from ..common.gradient_projector import GradientProjector
 from ..common.index_format import atomic_write, calculator_fingerprint
 from ..common.ihvp_base import check_regularization, default_rcond
@@ -142,7 +142,7 @@ class TRAK(BaseInfluenceCalculator):
         """The mean Gram matrix ``Φ_sᵀ Φ_s / N`` (d, d) of every model, float64. The training set's influence
         vectors are kept (:attr:`_fit_vectors`, N × M · d) when they fit a quarter of ``memory_budget_bytes``: the
         scores against the same ``train_set`` then do not project its gradients again."""
-        executor = Executor(None, self.verbose, self.memory_budget_bytes)
+        executor = self._streaming_executor()
         first = next(iter(executor.batches(train_set.take(1), name="train_set")), None)
         if first is None:
             raise ValueError("train_set is empty.")
@@ -154,15 +154,20 @@ class TRAK(BaseInfluenceCalculator):
                                  f"{3 * dim * dim * 8 / 2 ** 30:.1f} GiB) exceeds memory_budget_bytes="
                                  f"{self.memory_budget_bytes}: lower the projector's output_dim or raise the budget.")
             total, count, vectors = None, 0, []
+            def projected(samples: Tuple, model: BaseInfluenceModel = model) -> Tuple:
+                features = self.projector.project_batch(model, samples)
+                weight = self._weight(model, samples)
+                return features, (features if weight is None else weight * features)
+
             for batch in executor.batches(train_set, f"TRAK kernel ({position + 1}/{len(self.models)})", "train_set"):
-                features = _finite(self.projector.project_batch(model, batch), "projected gradients")
+                features, weighted = executor.apply(projected, batch)
+                features = _finite(features, "projected gradients")
                 wide = tf.cast(features, tf.float64)
                 part = tf.matmul(wide, wide, transpose_a=True)
                 total = part if total is None else total + part
                 count += first_dim(batch)
                 if vectors is not None:
-                    weight = self._weight(model, batch)
-                    vectors.append(features if weight is None else weight * features)
+                    vectors.append(weighted)
                     held += int(np.prod(features.shape)) * features.dtype.size
                     if held > self.memory_budget_bytes // 4:
                         vectors = None
@@ -328,7 +333,7 @@ class TRAK(BaseInfluenceCalculator):
         """Influence vector of a group of training samples U, ``Σ_{z∈U} v(z)``: (1, M · d) (TRAK is additive: a
         group's influence is the sum of its members')."""
         assert_batched_dataset(group_train, "group_train")
-        executor = Executor(None, self.verbose, self.memory_budget_bytes)
+        executor = self._streaming_executor()
         total, _ = executor.sum(lambda batch: tf.reduce_sum(self._compute_influence_vector(batch), axis=0,
                                                             keepdims=True), group_train, None, "group_train")
         return _finite(total, "group influence vector")
@@ -340,7 +345,7 @@ class TRAK(BaseInfluenceCalculator):
         group_to_evaluate = group_train if group_to_evaluate is None else group_to_evaluate
         assert_batched_dataset(group_to_evaluate, "group_to_evaluate")
         vector = self.compute_influence_vector_group(group_train)
-        executor = Executor(None, self.verbose, self.memory_budget_bytes)
+        executor = self._streaming_executor()
         test_side, _ = executor.sum(lambda batch: tf.reduce_sum(self._preprocess_samples(batch), axis=0,
                                                                 keepdims=True), group_to_evaluate, None,
                                     "group_to_evaluate")
