@@ -90,6 +90,12 @@ def is_distributed(strategy: Optional[tf.distribute.Strategy]) -> bool:
     return strategy is not None and strategy.num_replicas_in_sync > 1
 
 
+def in_replica_context() -> bool:
+    """Whether the caller runs inside one replica's function of ``strategy.run`` (where a nested pass must stay on
+    that replica)."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+
 def replica_bounds(size: int, replicas: int) -> List[Tuple[int, int]]:
     """``[start, stop)`` of every replica's contiguous slice of a batch of ``size`` rows (the first
     ``size mod replicas`` replicas get one row more; trailing replicas may get none)."""

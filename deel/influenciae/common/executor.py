@@ -14,7 +14,7 @@ import tensorflow as tf
 from ..utils.batch_checks import compute_batches
 from ..utils.progress import progress_bar
 from ..utils.tf_operations import batch_count, get_device
-from .distribution import at_position, check_strategy, is_distributed, run_on_replicas
+from .distribution import at_position, check_strategy, in_replica_context, is_distributed, run_on_replicas
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES
 
 
@@ -66,6 +66,9 @@ class Executor:
         ``batch_index`` (default: the index of the last batch read) is what :func:`~.distribution.batch_position`
         reports to ``function``."""
         index = self._batch_index if batch_index is None else int(batch_index)
+        if in_replica_context():  # a pass inside one replica's work (e.g. a solve per sample) stays on its device
+            with at_position(index, 0):
+                return function(batch)
         if is_distributed(self.strategy):
             return run_on_replicas(self.strategy, function, batch, index, axis)
         with tf.device(get_device(self.device)), at_position(index, 0):

@@ -8,6 +8,7 @@ import weakref
 from typing import Any, Dict, Optional, Tuple, Union
 
 import keras
+import tensorflow as tf
 
 from ..utils.model_split import NotSplittableError, split_model_shared
 from .model_wrappers import BaseInfluenceModel
@@ -21,9 +22,10 @@ _HEADS: "weakref.WeakKeyDictionary[BaseInfluenceModel, Dict[Any, Tuple[Optional[
 class HeadModel(BaseInfluenceModel):
     """The part of a model above a cut, watching the same weights, fed with precomputed features."""
 
-    def __init__(self, head: keras.Model, weights: Any, loss_function: Any):
+    def __init__(self, head: keras.Model, weights: Any, loss_function: Any,
+                 strategy: Optional[tf.distribute.Strategy] = None):
         # Features are stored as (features, targets, sample_weight) triples whatever the user's batch layout.
-        super().__init__(head, weights, loss_function, feature_batch, weights_processed=True)
+        super().__init__(head, weights, loss_function, feature_batch, weights_processed=True, strategy=strategy)
 
 
 def feature_batch(batch: Tuple) -> Tuple[Any, Any, Any]:
@@ -54,5 +56,6 @@ def split_for_hvp(model: BaseInfluenceModel, extractor_layer: Optional[Union[int
         if outside:
             raise ValueError(f"Watched weights {outside} lie below extractor_layer={extractor_layer!r}; the head "
                              "must contain every watched weight (pick an earlier extractor_layer).")
-        cache[extractor_layer] = (extractor, HeadModel(head, model.weights, model.loss_function))
+        cache[extractor_layer] = (extractor, HeadModel(head, model.weights, model.loss_function,
+                                                       model.strategy))
     return cache[extractor_layer]
