@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench-kfac-scale bench-fidelity bench-kfac bench-kfac-queries bench-projection-peers bench clean
+.PHONY: demo test lint docs bench-reference bench-peers bench-first-order bench-scaling bench-real-models bench-kfac-scale bench-fidelity bench-kfac bench-kfac-queries bench-projection-peers bench-distribute bench clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,12 @@ bench-kfac-queries: $(VENV)/.installed-tests
 bench-projection-peers: $(VENV)/.installed-tests
 	$(PY) benchmarks/bench_peers.py --setup || echo "peer venv unavailable: bench_projection_peers.py needs it"
 	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_projection_peers.py
+
+# tf.distribute: per-sample gradients, TracIn self-influence and the EK-FAC fit with 1 replica and with 2
+# (MirroredStrategy over the CPU split into 2 logical devices), same results checked; on one machine's shared
+# cores this measures the split's overhead: benchmarks/results/distribute.md (~10 min on 2 cores).
+bench-distribute: $(VENV)/.installed-tests
+	OPENBLAS_NUM_THREADS=1 $(PY) -u benchmarks/bench_distribute.py --models resnet transformer --samples 2000 --repeats 2
 
 bench-reference: $(VENV)/.installed-tests
 	$(PY) benchmarks/compare_reference.py

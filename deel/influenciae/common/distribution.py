@@ -4,9 +4,11 @@ The executor reads each global batch once (checked, counted, in the dataset's or
 slice per replica (the first ``B mod R`` replicas get one sample more, as ``MirroredStrategy`` splits a global
 batch), runs the method's function on every replica with ``strategy.run`` and combines the results:
 
-- **map** (per-sample results): ``strategy.gather`` along the samples' axis, in replica order, so the results come
-  back in the dataset's order whatever the number of replicas and workers;
-- **sum** (statistics): ``strategy.reduce(SUM)``, an all-reduce across replicas and workers.
+- **map** (per-sample results): the replicas' rows put together along the samples' axis, in replica order, so the
+  results come back in the dataset's order whatever the number of replicas and workers (on one host: concatenated;
+  across hosts: each replica's rows placed in a zero tensor of the batch's size and all-reduced, which is exact);
+- **sum** (statistics): added on the host over the local replicas, or ``strategy.reduce(SUM)`` (an all-reduce)
+  across hosts.
 
 Every worker of a ``MultiWorkerMirroredStrategy`` reads the whole dataset and computes only the slices of its own
 replicas (what ``AutoShardPolicy.DATA`` does), so no sample is lost or counted twice and the order is kept. A
@@ -17,6 +19,7 @@ no rows (map) or zeros (sum), so that every replica takes part in the collective
 slice): what seeded draws per sample (e.g. the true Fisher's labels) need to be independent of the split.
 """
 import contextlib
+import functools
 import logging
 import threading
 from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple
@@ -165,10 +168,34 @@ def run_on_replicas(strategy: tf.distribute.Strategy, function: Callable[[Tuple]
         tf.get_logger().addFilter(_FILTER)
     values = strategy.experimental_distribute_values_from_function(local_slice)
     results = strategy.run(on_replica, args=(values,))
+    if worker_count(strategy) == 1:  # every replica is local: combine on the host, in replica order
+        def combine(value: Any) -> Any:
+            parts = strategy.experimental_local_results(value)
+            return functools.reduce(tf.add, parts) if axis is None else tf.concat(parts, axis=axis)
+        return tf.nest.map_structure(combine, results)
     if axis is None:
         return tf.nest.map_structure(lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None),
                                      results)
-    return tf.nest.map_structure(lambda value: strategy.gather(value, axis=axis), results)
+    return _all_gather_by_sum(strategy, results, bounds, axis)
+
+
+def _all_gather_by_sum(strategy: tf.distribute.Strategy, results: Any, bounds: List[Tuple[int, int]],
+                       axis: int) -> Any:
+    """The per-replica rows of ``results`` assembled along ``axis`` on every worker: each replica places its rows
+    at their place in a zero tensor of the batch's size and the tensors are summed by an all-reduce (exact: every
+    entry is one value plus zeros). Eager ``strategy.gather`` across workers builds a new graph on every call."""
+    size = bounds[-1][1]
+
+    def placed(value: tf.Tensor) -> tf.Tensor:
+        start, stop = bounds[_replica_id()]
+        rank = len(value.shape)
+        padding = [[0, 0]] * rank
+        padding[axis] = [start, size - start - (stop - start)]
+        return tf.pad(value, padding)
+
+    scattered = strategy.run(lambda parts: tf.nest.map_structure(placed, parts), args=(results,))
+    return tf.nest.map_structure(lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None),
+                                 scattered)
 
 
 def calculator_strategy(calculator: Any) -> Optional[tf.distribute.Strategy]:
