@@ -79,7 +79,7 @@ bench-kfac-queries: $(VENV)/.installed-tests
 # benchmarks/results/projection_peers.{md,json} (a few minutes).
 bench-projection-peers: $(VENV)/.installed-tests
 	$(PY) benchmarks/bench_peers.py --setup || echo "peer venv unavailable: bench_projection_peers.py needs it"
-	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_projection_peers.py
+	OPENBLAS_NUM_THREADS=2 $(PY) -u benchmarks/bench_projection_peers.py --kind srht --repeats 2
 
 # tf.distribute: per-sample gradients, TracIn self-influence and the EK-FAC fit with 1 replica and with 2
 # (MirroredStrategy over the CPU split into 2 logical devices), same results checked; on one machine's shared

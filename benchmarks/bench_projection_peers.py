@@ -6,7 +6,8 @@ and its four checkpoints, the weights ``bench_fidelity.py`` explains; N = 1,497 
 
 * ours, in this process (TensorFlow, float32): :class:`~deel.influenciae.trak.TRAK` on the final checkpoint and over
   the four (margin gradients, :func:`~deel.influenciae.trak.margin_loss`, ``reweight="margin"``, dense
-  ``GradientProjector(d, seed=0)``, default damping λ = 0.1 × mean eigenvalue of ΦᵀΦ/N), projected
+  ``GradientProjector(d, seed=0, kind=--kind)`` (``rademacher`` by default; ``srht``: the subsampled randomized
+  Hadamard transform), default damping λ = 0.1 × mean eigenvalue of ΦᵀΦ/N), projected
   :class:`~deel.influenciae.trac_in.TracIn` over the four checkpoints (same projector) and exact TracIn (reference);
   each timed as one user would run it: build the calculator (TRAK: the featurisation pass and the eigendecomposition)
   plus ``influence_matrix(test, train)`` (T, N);
@@ -29,7 +30,7 @@ one model at the same λ the two estimate the same scores up to a positive facto
 At λ = 0 (traker's default) both are ill-posed here: N = 1,497 < d, so ΦᵀΦ is singular (ours takes a pseudo-inverse,
 traker inverts the singular float32 matrix).
 
-Usage: ``.venv/bin/python benchmarks/bench_projection_peers.py [--dim 2048] [--repeats 1]``
+Usage: ``.venv/bin/python benchmarks/bench_projection_peers.py [--dim 2048] [--repeats 1] [--kind srht]``
 (``make bench-projection-peers``; the peer venv comes from ``benchmarks/bench_peers.py --setup``); writes
 ``benchmarks/results/projection_peers.{md,json}``.
 """
@@ -84,7 +85,7 @@ def timed(function: Callable[[], np.ndarray], repeats: int) -> Tuple[np.ndarray,
 
 
 def run_ours(model: keras.Model, checkpoints: List[List[np.ndarray]], data: Tuple[tf.data.Dataset, tf.data.Dataset],
-             dim: int, repeats: int) -> Dict[str, Dict[str, object]]:
+             dim: int, repeats: int, kind: str = "rademacher") -> Dict[str, Dict[str, object]]:
     """Our four calculations, end to end, and the extra TRAK matrices at the λ the comparisons need."""
     train, test = data
     margin_models = checkpoint_models(model, checkpoints, margin_loss)
@@ -96,7 +97,7 @@ def run_ours(model: keras.Model, checkpoints: List[List[np.ndarray]], data: Tupl
     def trak(name: str, models: list) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
             start = time.perf_counter()
-            built[name] = TRAK(models, train, projector=GradientProjector(dim, seed=0), reweight="margin")
+            built[name] = TRAK(models, train, projector=GradientProjector(dim, seed=0, kind=kind), reweight="margin")
             fit_seconds[f"trak_{name}"] = time.perf_counter() - start  # the featurisation pass and eigh
             return np.asarray(built[name].influence_matrix(test, train), np.float64)
         return run
@@ -106,7 +107,7 @@ def run_ours(model: keras.Model, checkpoints: List[List[np.ndarray]], data: Tupl
                                   np.float64)
 
     runs = {"trak_final": trak("final", margin_models[-1:]), "trak_ensemble": trak("ensemble", margin_models),
-            "tracin_projected": tracin(GradientProjector(dim, seed=0)), "tracin_exact": tracin(None)}
+            "tracin_projected": tracin(GradientProjector(dim, seed=0, kind=kind)), "tracin_exact": tracin(None)}
     out: Dict[str, Dict[str, object]] = {}
     for name, run in runs.items():
         scores, first, warm = timed(run, repeats)
@@ -126,7 +127,7 @@ def run_ours(model: keras.Model, checkpoints: List[List[np.ndarray]], data: Tupl
     out["trak_ensemble_matched"] = {"scores": np.asarray(built["ensemble"].with_regularization(
         heuristic, damping_heuristic=None).influence_matrix(test, train), np.float64)}
     # the projection's own noise: another seed, the same λ
-    other = TRAK(margin_models[-1:], train, projector=GradientProjector(dim, seed=1), reweight="margin")
+    other = TRAK(margin_models[-1:], train, projector=GradientProjector(dim, seed=1, kind=kind), reweight="margin")
     out["trak_final_seed1"] = {"scores": np.asarray(other.with_regularization(heuristic, damping_heuristic=None)
                                                     .influence_matrix(test, train), np.float64)}
     return out
@@ -209,6 +210,8 @@ def main() -> int:
     """Train, run ours and the peers, print and write the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=2048, help="projection dimension d (default 2048)")
+    parser.add_argument("--kind", default="rademacher", choices=("rademacher", "gaussian", "srht"),
+                        help="our GradientProjector's kind (default rademacher)")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls after the first one (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the peer worker (default 2)")
     parser.add_argument("--json", type=Path, default=RESULTS / "projection_peers.json")
@@ -222,7 +225,7 @@ def main() -> int:
     train = tf.data.Dataset.from_tensor_slices((problem.x_train, problem.y_train)).batch(TRAIN_BATCH)
     test = tf.data.Dataset.from_tensor_slices((problem.x_test, problem.y_test)).batch(len(problem.x_test))
     print(f"{problem.description}; d = {args.dim}; T = {len(problem.x_test)}; {load()}", flush=True)
-    ours = run_ours(model, checkpoints, (train, test), args.dim, args.repeats)
+    ours = run_ours(model, checkpoints, (train, test), args.dim, args.repeats, args.kind)
     heuristic = float(ours["trak_final"]["lambda"])
     with tempfile.TemporaryDirectory() as folder:
         problem_path = Path(folder) / "problem.npz"
@@ -231,8 +234,9 @@ def main() -> int:
     if peer is None:
         return 1
     rows = comparisons(ours, peer, args.dim, heuristic, len(checkpoints))
-    header = (f"**{problem.description}**; d = {args.dim}, T = {len(problem.x_test)}; ours TensorFlow, peers torch "
-              f"{args.threads} threads; medians of {args.repeats} call(s) after a first one; {load()} at the end")
+    header = (f"**{problem.description}**; d = {args.dim} (our projector: {args.kind}), T = {len(problem.x_test)}; "
+              f"ours TensorFlow, peers torch {args.threads} threads; medians of {args.repeats} call(s) after a first "
+              f"one; {load()} at the end")
     table = markdown(rows, header)
     print("\n" + table)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ KRONECKER_METHODS = {"kfac": (KFACIHVP, "empirical", "influence, K-FAC, empirica
                      "ekfac": (EKFACIHVP, "empirical", "influence, EK-FAC, empirical Fisher"),
                      "ekfac_true": (EKFACIHVP, "true", "influence, EK-FAC, true Fisher")}
 METHOD_NAMES = ("exact", "cg", "lissa", "arnoldi", "fisher", "fisher_empirical", *KRONECKER_METHODS, "tracin",
-                "tracin_projected", "trak", "rps_l2", "rps_lje")
+                "tracin_projected", "trak", "trak_srht", "rps_l2", "rps_lje")
 PROJECTION_DIM = 2048  # TRAK's and projected TracIn's d (dense GradientProjector, seed 0)
 # TRAK's λ (on ΦᵀΦ/N): the grid above and larger values, since the margin's kernel has a mean eigenvalue ~1.5 on the
 # MLP (its default λ = 0.1 × that); traker gets the same values, converted to its scale.
@@ -206,6 +206,7 @@ def library_methods(problem: problems.FidelityProblem, model: keras.Model, check
     others = {"tracin": lambda: _tracin(model, checkpoints, train, test, shape),
               "tracin_projected": lambda: [_tracin_projected(model, checkpoints, train, test, shape)],
               "trak": lambda: _trak(model, checkpoints, train, test, shape),
+              "trak_srht": lambda: _trak_srht(model, checkpoints, train, test, shape),
               "rps_l2": lambda: [_rps_l2(model, train, test, shape)],
               "rps_lje": lambda: [_rps_lje(model, train, test, shape)]}
     for method, run in others.items():
@@ -256,10 +257,10 @@ def _tracin_projected(model: keras.Model, checkpoints: List[List[np.ndarray]], t
 
 
 def _trak_swept(name: str, models: List[InfluenceModel], train: tf.data.Dataset, test: tf.data.Dataset,
-                shape: tuple, reweight: Optional[str]) -> MethodResult:
+                shape: tuple, reweight: Optional[str], kind: str = "rademacher") -> MethodResult:
     """One TRAK fit at the default damping (key None), re-damped for λ = 0 and every λ of :data:`TRAK_DAMPINGS`."""
     start = time.perf_counter()
-    calculator = TRAK(models, train, projector=GradientProjector(PROJECTION_DIM, seed=0), reweight=reweight)
+    calculator = TRAK(models, train, projector=GradientProjector(PROJECTION_DIM, seed=0, kind=kind), reweight=reweight)
     result = MethodResult(name, {}, None, time.perf_counter() - start)
     for damping in (None, 0.0, *TRAK_DAMPINGS):
         begin = time.perf_counter()
@@ -286,6 +287,17 @@ def _trak(model: keras.Model, checkpoints: List[List[np.ndarray]], train: tf.dat
                         test, shape, "margin"),
             _trak_swept(f"TRAK, final checkpoint (cross-entropy, d = {PROJECTION_DIM})",
                         checkpoint_models(model, checkpoints[-1:]), train, test, shape, None)]
+
+
+def _trak_srht(model: keras.Model, checkpoints: List[List[np.ndarray]], train: tf.data.Dataset,
+               test: tf.data.Dataset, shape: tuple) -> List[MethodResult]:
+    """TRAK of the margin on the final checkpoint and over all of them, projected by the subsampled randomized
+    Hadamard transform (``kind="srht"``)."""
+    margin_models = checkpoint_models(model, checkpoints, margin_loss)
+    return [_trak_swept(f"TRAK, final checkpoint (margin, SRHT d = {PROJECTION_DIM})", margin_models[-1:], train,
+                        test, shape, "margin", "srht"),
+            _trak_swept(f"TRAK, {len(margin_models)} checkpoints (margin, SRHT d = {PROJECTION_DIM})", margin_models,
+                        train, test, shape, "margin", "srht")]
 
 
 def _rps_lje(model: keras.Model, train: tf.data.Dataset, test: tf.data.Dataset, shape: tuple) -> MethodResult:

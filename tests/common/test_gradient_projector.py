@@ -5,7 +5,9 @@ import pytest
 import tensorflow as tf
 
 from deel.influenciae.common import BaseInfluenceModel, GradientProjector
-from deel.influenciae.common.gradient_projector import BLOCK_ROWS, dense_projection, split_dimensions
+from deel.influenciae.common import gradient_projector
+from deel.influenciae.common.gradient_projector import (BLOCK_ROWS, dense_projection, random_block, split_dimensions,
+                                                        srht_plan)
 from tests.per_sample import tape_gradients
 
 F64 = "float64"
@@ -109,7 +111,7 @@ def test_dense_projection_is_the_product_with_a_seeded_sign_matrix():
     assert abs(gaussian.mean()) < 0.02 and abs(gaussian.std() - 1) < 0.02 and len(np.unique(gaussian)) > 1000
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "srht"])
 def test_projected_inner_products_are_unbiased(kind):
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(2, 300))
@@ -191,6 +193,10 @@ def test_projector_arguments_are_checked():
         GradientProjector(8, kind="sparse")
     with pytest.raises(TypeError, match="factored"):
         GradientProjector(8, factored="yes")
+    with pytest.raises(ValueError, match="srht.*factored=False"):
+        GradientProjector(8, kind="srht", factored=True)
+    with pytest.raises(ValueError, match="output_dim=9 .* 8 coordinates"):
+        GradientProjector(9, kind="srht").project(np.ones((2, 5)))
     with pytest.raises(ValueError, match="gradients"):
         GradientProjector(8).project(np.ones(5))
     assert GradientProjector(8, seed=2).configuration() == {"output_dim": 8, "seed": 2, "kind": "rademacher",
@@ -206,3 +212,28 @@ def test_split_dimensions_never_exceeds_the_output_dimension():
         assert all(a >= 1 and b >= 1 for a, b in dims)
     with pytest.raises(ValueError, match="output_dim=3 is too small"):
         split_dimensions(3, shapes, rest_size=10)
+
+
+def _sylvester(order: int) -> np.ndarray:
+    matrix = np.ones((1, 1))
+    while len(matrix) < order:
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return matrix
+
+
+@pytest.mark.parametrize("size,dim,factor_bits", [(37, 16, 7), (300, 50, 7), (300, 50, 3), (64, 64, 2)])
+def test_srht_equals_its_definition(monkeypatch, size, dim, factor_bits):
+    """√(P'/d) S H D [g, 0] with H the orthonormal Sylvester matrix built here: one Hadamard factor (P' = 64, 512),
+    two and three factors (``_HADAMARD_FACTOR_BITS`` lowered), every coordinate kept (d = P')."""
+    monkeypatch.setattr(gradient_projector, "_HADAMARD_FACTOR_BITS", factor_bits)
+    projector = GradientProjector(dim, seed=5, kind="srht")
+    matrix = projector.matrix(size).numpy()
+    padded, coordinates = srht_plan(size, dim, 5)
+    assert padded == 1 << int(np.ceil(np.log2(size))) and len(set(coordinates.tolist())) == dim
+    signs = random_block("rademacher", 5, 0, 0, (1, padded), tf.float64).numpy()[0]
+    expected = (signs[:, None] * _sylvester(padded) / np.sqrt(padded))[:size][:, coordinates] * np.sqrt(padded / dim)
+    np.testing.assert_allclose(matrix, expected, atol=1e-12)
+    np.testing.assert_allclose(np.abs(matrix), 1 / np.sqrt(dim))
+    vectors = np.random.default_rng(1).normal(size=(3, size))
+    np.testing.assert_allclose(projector.project(vectors).numpy(), vectors @ expected, atol=1e-10)
+    assert not np.allclose(GradientProjector(dim, seed=6, kind="srht").matrix(size).numpy(), matrix)

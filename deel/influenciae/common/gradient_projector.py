@@ -33,7 +33,11 @@ __all__ = ["GradientProjector", "BoundProjection", "BLOCK_ROWS"]
 BLOCK_ROWS = 1024
 # Seed streams: dense blocks of the whole gradient, the factored layers' pairs, the dense rest of a factored model.
 _DENSE_STREAM, _LAYER_STREAM, _REST_STREAM = 0, 1, 2
-_KINDS = ("rademacher", "gaussian")
+_KINDS = ("rademacher", "gaussian", "srht")
+# Largest Hadamard factor applied by one matrix product in the subsampled randomized Hadamard transform.
+_HADAMARD_FACTOR_BITS = 7
+# The coordinates kept by the SRHT, per (padded size, d, seed, stream): drawn once per process.
+_SRHT_COORDINATES: Dict[Tuple[int, int, int, int], np.ndarray] = {}
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -58,12 +62,72 @@ def random_block(kind: str, seed: int, stream: int, index: Any, shape: Sequence[
     return tf.cast(tf.random.stateless_normal(shape, key, dtype=tf.float32), dtype)
 
 
+def srht_plan(size: int, output_dim: int, seed: int, stream: int = _DENSE_STREAM) -> Tuple[int, np.ndarray]:
+    """``(P', coordinates)`` of the subsampled randomized Hadamard transform of ``size``-long vectors: the padded
+    size ``P' = 2^⌈log2 P⌉`` and the d distinct coordinates kept (sorted, drawn without replacement from the seed by
+    NumPy's PCG64: the same in every process).
+
+    Raises
+    ------
+    ValueError
+        If ``output_dim`` exceeds ``P'``.
+    """
+    padded = 1 << max(0, int(size - 1).bit_length())
+    if output_dim > padded:
+        raise ValueError(f"kind='srht' keeps output_dim={output_dim} of the {padded} coordinates of the transformed "
+                         f"gradient (P = {size} padded to a power of 2): lower output_dim or use kind='rademacher'.")
+    key = (padded, int(output_dim), int(seed), int(stream))
+    if key not in _SRHT_COORDINATES:
+        generator = np.random.Generator(np.random.PCG64([int(seed), int(stream), 0x5348]))
+        _SRHT_COORDINATES[key] = np.sort(generator.choice(padded, size=int(output_dim), replace=False))
+    return padded, _SRHT_COORDINATES[key]
+
+
+def _hadamard(bits: int, dtype: tf.DType) -> tf.Tensor:
+    """The Sylvester Hadamard matrix of order ``2^bits`` (entries ±1)."""
+    matrix = np.ones((1, 1))
+    for _ in range(bits):
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return tf.constant(matrix, dtype)
+
+
+def srht_projection(vectors: tf.Tensor, output_dim: int, seed: int, stream: int = _DENSE_STREAM) -> tf.Tensor:
+    """The subsampled randomized Hadamard transform ``√(P'/d) · S H D [g, 0]`` of every row: (B, P) -> (B, d).
+
+    D: P' random signs (from the seed), H: the orthonormal Walsh–Hadamard transform of order P' (applied as a
+    Kronecker product of Hadamard matrices of order ≤ 128, one matrix product per factor: ``P' · Σ n_j``
+    multiply-adds per row, 256 · P' for P' = 2^14), S: the d coordinates of
+    :func:`srht_plan`. Its matrix has entries ±1/√d and orthogonal columns; inner products are preserved in
+    expectation over the signs and the coordinates."""
+    size = int(vectors.shape[-1])
+    padded, coordinates = srht_plan(size, output_dim, seed, stream)
+    dtype = vectors.dtype
+    signs = random_block("rademacher", seed, stream, 0, (1, padded), dtype)
+    rows = tf.pad(vectors, [[0, 0], [0, padded - size]]) * signs
+    bits = padded.bit_length() - 1
+    factors = -(-bits // _HADAMARD_FACTOR_BITS)
+    done = 0
+    for factor in range(factors):  # H = H_{n_1} ⊗ ... ⊗ H_{n_k}: one matrix product per axis of (B, n_1, ..., n_k)
+        step = bits // factors + (1 if factor < bits % factors else 0)
+        right = padded >> (done + step)
+        if right == 1:
+            rows = tf.matmul(tf.reshape(rows, [-1, 1 << step]), _hadamard(step, dtype))
+        else:
+            rows = tf.matmul(_hadamard(step, dtype), tf.reshape(rows, [-1, 1 << step, right]))
+        done += step
+    rows = tf.reshape(rows, [-1, padded]) / tf.cast(np.sqrt(padded), dtype)
+    kept = tf.gather(rows, tf.constant(coordinates, tf.int64), axis=1)
+    return kept * tf.cast(np.sqrt(padded / output_dim), dtype)
+
+
 def dense_projection(vectors: tf.Tensor, output_dim: int, kind: str, seed: int, stream: int = _DENSE_STREAM
                      ) -> tf.Tensor:
     """``vectors R / √d`` with R (P, d) generated ``BLOCK_ROWS`` rows at a time (R is the first P rows of the
-    blocks 0, 1, ... stacked): (B, P) -> (B, d).
+    blocks 0, 1, ... stacked): (B, P) -> (B, d). ``kind="srht"``: :func:`srht_projection`.
 
     A loop over the blocks (one block in the graph whatever P), usable in a graph; P must be static."""
+    if kind == "srht":
+        return srht_projection(vectors, output_dim, seed, stream)
     size = int(vectors.shape[-1])
     count = -(-size // BLOCK_ROWS)
     padded = tf.pad(vectors, [[0, 0], [0, count * BLOCK_ROWS - size]])
@@ -131,7 +195,10 @@ class GradientProjector:
     seed
         Seed of the projection: the same seed gives the same matrix in every process.
     kind
-        ``"rademacher"`` (entries ±1, default: cheaper to generate, same guarantee) or ``"gaussian"``.
+        ``"rademacher"`` (entries ±1, default: cheaper to generate, same guarantee), ``"gaussian"``, or ``"srht"``:
+        the subsampled randomized Hadamard transform (random signs, a Walsh–Hadamard transform of the gradient padded
+        to ``P' = 2^⌈log2 P⌉`` values, d of its coordinates kept; ``P' · log P'``-like cost per sample instead of
+        ``P · d``, entries ±1/√d, orthogonal columns; ``output_dim`` at most P'; dense only).
     factored
         Project the kernels of Dense, EinsumDense, Conv2D and Embedding layers with per-layer Kronecker-factored
         matrices from their inputs and output gradients (never forming the per-sample gradients): much cheaper on
@@ -140,7 +207,8 @@ class GradientProjector:
     Raises
     ------
     ValueError
-        ``output_dim`` not an integer >= 1, a negative or non-integer seed, an unknown ``kind``.
+        ``output_dim`` not an integer >= 1, a negative or non-integer seed, an unknown ``kind``, ``"srht"`` with
+        ``factored=True``.
     """
 
     def __init__(self, output_dim: int = 2048, seed: int = 0, kind: str = "rademacher", factored: bool = False):
@@ -153,6 +221,9 @@ class GradientProjector:
         self.kind = kind
         if not isinstance(factored, bool):
             raise TypeError(f"factored must be a bool, got {type(factored).__name__}.")
+        if factored and kind == "srht":
+            raise ValueError("kind='srht' transforms whole gradients: it has no Kronecker-factored form; use "
+                             "factored=False, or kind='rademacher' / 'gaussian' with factored=True.")
         self.factored = factored
 
     def configuration(self) -> Dict[str, Any]:

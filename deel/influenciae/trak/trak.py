@@ -139,7 +139,8 @@ class TRAK(BaseInfluenceCalculator):
 
     # Fit ----------------------------------------------------------------------------------------------------------
     def _fit(self, train_set: tf.data.Dataset) -> List[np.ndarray]:
-        """The mean Gram matrix ``Φ_sᵀ Φ_s / N`` (d, d) of every model, float64. The training set's influence
+        """The mean Gram matrix ``Φ_sᵀ Φ_s / N`` (d, d) of every model, float64 (each batch's product in the features'
+        dtype, the sum over batches in float64). The training set's influence
         vectors are kept (:attr:`_fit_vectors`, N × M · d) when they fit a quarter of ``memory_budget_bytes``: the
         scores against the same ``train_set`` then do not project its gradients again."""
         executor = self._streaming_executor()
@@ -162,8 +163,8 @@ class TRAK(BaseInfluenceCalculator):
             for batch in executor.batches(train_set, f"TRAK kernel ({position + 1}/{len(self.models)})", "train_set"):
                 features, weighted = executor.apply(projected, batch)
                 features = _finite(features, "projected gradients")
-                wide = tf.cast(features, tf.float64)
-                part = tf.matmul(wide, wide, transpose_a=True)
+                # each batch's ΦᵀΦ in the features' dtype (float32: ~1e-7 relative per entry), summed in float64
+                part = tf.cast(tf.matmul(features, features, transpose_a=True), tf.float64)
                 total = part if total is None else total + part
                 count += first_dim(batch)
                 if vectors is not None:
