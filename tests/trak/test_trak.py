@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from deel.influenciae.common import BaseInfluenceModel, GradientProjector
 from deel.influenciae.trak import TRAK, margin_loss
+from deel.influenciae.trak.trak import _cholesky
 from deel.influenciae.utils import ORDER
 from tests.per_sample import tape_gradients
 
@@ -171,3 +172,26 @@ def test_trak_in_float32_with_the_hadamard_projection_matches_the_numpy_formula(
     scale = np.abs(pairwise).max()
     np.testing.assert_allclose(trak.influence_matrix(test, train), pairwise, rtol=1e-4, atol=1e-4 * scale)
     np.testing.assert_allclose(trak.self_influence(train), self_values, rtol=1e-4)
+
+
+def test_solve_dtype_of_the_kernels(problem):
+    """float64 solves of a float32 model agree with the default float32 ones; a kernel float32 cannot factorise is
+    factorised in float64; other dtypes are refused."""
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    influence_model = BaseInfluenceModel(model, model.trainable_variables, loss_function=loss)
+    train = tf.data.Dataset.from_tensor_slices((problem["x_train"].astype("float32"), problem["y_train"])).batch(5)
+    single = TRAK([influence_model], train, GradientProjector(DIM, seed=3))
+    double = TRAK([influence_model], train, GradientProjector(DIM, seed=3), solve_dtype=tf.float64)
+    assert single.solve_dtype == tf.float32 and double.solve_dtype == tf.float64
+    assert single._solvers[0][1].dtype == tf.float32 and double._solvers[0][1].dtype == tf.float64  # pylint: disable=W0212
+    values = double.influence_matrix(train, train).numpy()
+    np.testing.assert_allclose(single.influence_matrix(train, train).numpy(), values, rtol=1e-4,
+                               atol=1e-4 * np.abs(values).max())
+    nearly_singular = np.array([[1.0, 1.0], [1.0, 1.0 + 1e-9]])
+    factor = _cholesky(nearly_singular, np.float32)
+    assert factor.dtype == np.float64
+    np.testing.assert_allclose(factor, np.linalg.cholesky(nearly_singular))
+    with pytest.raises(ValueError, match="solve_dtype"):
+        TRAK([influence_model], train, GradientProjector(DIM, seed=3), solve_dtype=tf.float16)
