@@ -59,7 +59,7 @@ import common  # noqa: E402
 import fidelity_problems as problems  # noqa: E402
 from bench_fidelity import write_peer_problem  # noqa: E402
 from fidelity_methods import TRAIN_BATCH, checkpoint_models  # noqa: E402
-from deel.influenciae.common import GradientProjector  # noqa: E402
+from deel.influenciae.common import BaseInfluenceModel, GradientProjector  # noqa: E402
 from deel.influenciae.trac_in import TracIn  # noqa: E402
 from deel.influenciae.trak import TRAK, margin_loss  # noqa: E402
 # pylint: enable=wrong-import-position
@@ -106,8 +106,13 @@ def run_ours(model: keras.Model, checkpoints: List[List[np.ndarray]], data: Tupl
         return lambda: np.asarray(TracIn(ce_models, rates, projector=projector).influence_matrix(test, train),
                                   np.float64)
 
+    # the computation of Captum's TracInCPFastRandProj: the last layer's weight matrix only (not its bias)
+    last_layer = [BaseInfluenceModel(influence_model.model, [influence_model.model.layers[-1].kernel],
+                                     loss_function=influence_model.loss_function) for influence_model in ce_models]
     runs = {"trak_final": trak("final", margin_models[-1:]), "trak_ensemble": trak("ensemble", margin_models),
-            "tracin_projected": tracin(GradientProjector(dim, seed=0, kind=kind)), "tracin_exact": tracin(None)}
+            "tracin_projected": tracin(GradientProjector(dim, seed=0, kind=kind)), "tracin_exact": tracin(None),
+            "tracin_last_layer": lambda: np.asarray(TracIn(last_layer, rates).influence_matrix(test, train),
+                                                    np.float64)}
     out: Dict[str, Dict[str, object]] = {}
     for name, run in runs.items():
         scores, first, warm = timed(run, repeats)
@@ -174,7 +179,9 @@ def comparisons(ours: Dict[str, Dict[str, object]], peer: Dict[str, np.ndarray],
          f"captum_fastrandproj_d{dim}", True),
         ("TracIn projected (all layers) vs Captum TracInCP (exact)", "tracin_projected", "captum_tracincp_all",
          False),
-        ("TracIn exact vs Captum TracInCP (exact)", "tracin_exact", "captum_tracincp_all", True)]
+        ("TracIn exact vs Captum TracInCP (exact)", "tracin_exact", "captum_tracincp_all", True),
+        ("TracIn of the last layer's weights (exact) vs Captum FastRandProj (the same: 640 ≤ d weights, not "
+         "projected)", "tracin_last_layer", f"captum_fastrandproj_d{dim}", True)]
     for label, mine, theirs, timed_row in plan:
         if f"scores__{theirs}" not in peer:
             continue
