@@ -112,6 +112,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def save_results(path: Path, out: Dict[str, np.ndarray]) -> None:
+    """Add the peak RSS (``rss_mib``) to a worker's arrays, write them to ``path`` (``.npz``) and say so."""
+    out["rss_mib"] = np.float64(peak_rss_mib())
+    np.savez(path, **out)
+    print(f"  wrote {len(out)} arrays to {path}; peak RSS {float(out['rss_mib']):.0f} MiB", flush=True)
+
+
 def time_repeats(function: Callable[[], Any], repeats: int) -> Tuple[Any, float, List[float]]:
     """Call ``function`` once (first call: tracing, caches) and then ``repeats`` more times.
 

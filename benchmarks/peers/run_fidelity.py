@@ -348,9 +348,7 @@ def main() -> int:
                 print(f"  captum {name:21s} {seconds:6.2f}s", flush=True)
 
     print_sanity(out, reference, args.methods, args.damping_values, float(arrays["learning_rates"][-1]))
-    out["rss_mib"] = np.float64(common.peak_rss_mib())
-    np.savez(args.output, **out)
-    print(f"  wrote {len(out)} arrays to {args.output}; peak RSS {float(out['rss_mib']):.0f} MiB", flush=True)
+    common.save_results(args.output, out)
     return 0
 
 

@@ -297,9 +297,7 @@ def main() -> int:
             out[f"first_seconds__{name}"] = np.float64(timings[0])
             shown.append(f"{suffix or 'scores'} {float(out[f'seconds__{name}']):.2f}s")
         print(f"  {strategy:28s} " + ", ".join(shown), flush=True)
-    out["rss_mib"] = np.float64(common.peak_rss_mib())
-    np.savez(args.output, **out)
-    print(f"  wrote {len(out)} arrays to {args.output}; peak RSS {float(out['rss_mib']):.0f} MiB", flush=True)
+    common.save_results(args.output, out)
     return 0
 
 
