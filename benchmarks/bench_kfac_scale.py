@@ -14,9 +14,12 @@ Every (model, N) runs in a fresh subprocess so that its peak resident memory is 
   then the fit, as a user pays it (tracing included), split by stage (covariances, eigendecompositions, corrected
   eigenvalues); then ``KFACIHVP``'s fit (a fresh solver);
 * the self-influence of the N training samples, ``FirstOrderInfluenceCalculator(...,
-  ihvp_calculator=ekfac).compute_influence_values(train)`` consumed, after a warm-up on a full and the short last
-  batch (as ``bench_real_models.py``; the warm-up's seconds are reported: the one-time tracing); then the same
-  with the fitted solver read back with ``solve_dtype="float64"`` (the default is the model's dtype, float32);
+  ihvp_calculator=ekfac).self_influence(train)``, after a warm-up on a full and the short last batch (as
+  ``bench_real_models.py``; the warm-up's seconds are reported: the one-time tracing); the same values lazily,
+  ``compute_influence_values(train)`` consumed (a ``tf.data`` map: its function runs on tf.data's threads, where
+  on this 2-core machine a whole pass sometimes runs one thread at a time, about 2 times slower, see the README);
+  then ``self_influence`` with the fitted solver read back with ``solve_dtype="float64"`` (the default is the
+  model's dtype, float32);
 * ``influence_matrix(test, train)`` for 100 test samples, after the same kind of warm-up;
 * wall and CPU seconds (CPU time of the process, all threads: less sensitive to the other jobs of a shared
   machine), each call's peak RSS increase over the resident memory at its start (``bench_common.PeakMemory``) and
@@ -209,7 +212,12 @@ def profile(rows: Rows, influence_model: Any, solvers: Dict[str, Any], train: tf
                      kind="profile", note=f"{timing['seconds']:.3f} s per batch, per-sample gradients included")
     statistic = ekfac._compiled.get("corrected")
     if statistic is not None:
-        timing = per_batch_seconds(lambda: [value.numpy() for value in statistic(first_batch, tf.constant(0))])
+        states = [ekfac.state[str(index)] for index in range(len(blocks))]
+        bases = tuple((None if block.diagonal_rows else tf.constant(state["rows_basis"], ekfac.statistics_dtype),
+                       tf.constant(state["outputs_basis"], ekfac.statistics_dtype))
+                      for block, state in zip(blocks, states))
+        position = tf.constant((0, 0), tf.int64)
+        timing = per_batch_seconds(lambda: [value.numpy() for value in statistic(first_batch, position, bases)])
         rows.add("  EK-FAC corrected-eigenvalue statistic, all N", scaled(timing, batches), kind="profile",
                  note=f"{timing['seconds']:.3f} s per batch")
     test_gradients = tf.transpose(influence_model.batch_jacobian_tensor(test_inputs))
@@ -274,24 +282,27 @@ def run_child(model_name: str, count: int, batch_size: int, tests: int, repeats:
 
     ekfac, fit, estimate = fit_rows(rows, influence_model, train)
     calculator = FirstOrderInfluenceCalculator(influence_model, train, ihvp_calculator=ekfac)
-    warm = tracked(lambda: consume(calculator.compute_influence_values(first)))
+    warm = tracked(lambda: calculator.self_influence(first).numpy())
     rows.add("one-time: self-influence warm-up (2 batches, tracing)", warm, kind="warm-up")
     self_influence = rows.measured("EK-FAC self-influence of the N samples",
-                                   lambda: consume(calculator.compute_influence_values(train)))
+                                   lambda: calculator.self_influence(train).numpy())
     rows.add("EK-FAC fit + self-influence", {"seconds": fit["seconds"] + self_influence["seconds"],
                                              "cpu_seconds": fit["cpu_seconds"] + self_influence["cpu_seconds"],
                                              "peak_mib": max(fit["peak_mib"], self_influence["peak_mib"])},
              kind="total")
     rows.add("  the same with the self-influence's tracing",
              {key: fit[key] + warm[key] + self_influence[key] for key in ("seconds", "cpu_seconds")}, kind="total")
+    consume(calculator.compute_influence_values(first))
+    rows.measured("  the same, lazily: compute_influence_values (a tf.data map) consumed",
+                  lambda: consume(calculator.compute_influence_values(train)), kind="profile")
     solvers = {"float32": ekfac}
     twin = float64_twin(ekfac, influence_model, train)
     if twin is not None:
         solvers["float64"] = twin
         twin_calculator = FirstOrderInfluenceCalculator(influence_model, train, ihvp_calculator=twin)
-        consume(twin_calculator.compute_influence_values(first))
+        twin_calculator.self_influence(first).numpy()
         twin_self = rows.measured(f"EK-FAC self-influence of the N samples, {FLOAT64}",
-                                  lambda: consume(twin_calculator.compute_influence_values(train)))
+                                  lambda: twin_calculator.self_influence(train).numpy())
         rows.add(f"EK-FAC fit + self-influence, {FLOAT64}",
                  {key: fit[key] + twin_self[key] for key in ("seconds", "cpu_seconds")}, kind="total")
     warm = tracked(lambda: calculator.influence_matrix(test, first).numpy())

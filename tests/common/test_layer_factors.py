@@ -74,6 +74,35 @@ def test_sequences_shared_weights_and_convolutions_are_factored(build, shape):
                                gradients @ gradients.T, rtol=1e-5, atol=1e-6 * np.abs(gradients @ gradients.T).max())
 
 
+def embedding_model():
+    keras.utils.set_random_seed(8)
+    return keras.Sequential([keras.Input((7,), dtype="int32"), keras.layers.Embedding(11, 4),
+                             keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("build, expected", [(lambda: mlp(0), [1, 1]), (sequence_model, [6, 1]), (conv_model, [16, 1]),
+                                             (embedding_model, [7, 1])])
+def test_positions_stay_static_in_a_trace_for_any_batch_size(build, expected):
+    """The passes are traced once for any batch size (an unknown first dimension): the number of positions per
+    sample must stay static there, since it picks the product forms (a dense layer's rank-one products, forming a
+    convolution's per-sample gradients before rotating them); a lost T once sent every convolution to the costlier
+    form."""
+    model = build()
+    influence_model = InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=LOSS)
+    shape, dtype = model.inputs[0].shape[1:], model.inputs[0].dtype
+    seen = []
+
+    def positions(inputs, labels):
+        seen.append([factor.positions for factor in influence_model.layer_factors.in_graph((inputs, labels)).layers])
+        return tf.zeros([])
+
+    batch = (tf.zeros((3,) + tuple(shape), dtype), tf.zeros((3,), tf.int32))
+    influence_model.layer_factors.plan_for(batch)
+    tf.function(positions).get_concrete_function(tf.TensorSpec((None,) + tuple(shape), dtype),
+                                                 tf.TensorSpec((None,), tf.int32))
+    assert seen == [expected]
+
+
 @pytest.mark.parametrize("factored", [True, False])
 def test_tracin_matrix_and_self_influence_match_per_sample_tapes(factored):
     """TracIn over two checkpoints: the factored path (MLP) and the partly materialised one (rows that are not one

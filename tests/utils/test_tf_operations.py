@@ -438,6 +438,25 @@ def test_map_to_device():
     sums, shifted = dataset_to_tensor(mapped)
     np.testing.assert_allclose(sums.numpy(), inputs.sum(axis=(1, 2)), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(shifted.numpy(), labels + 1)
+    # the lazily computed results run their kernels without tf.data's autotuning thread (see lazy_map)
+    assert dataset.options().autotune.enabled is not False and mapped.options().autotune.enabled is False
+
+
+def test_lazy_results_of_calculators_switch_autotuning_off():
+    """The reference-style lazy results (a tf.data map) run with autotuning off, and keep their values."""
+    from deel.influenciae.common import InfluenceModel  # pylint: disable=import-outside-toplevel
+    from deel.influenciae.trac_in import TracIn  # pylint: disable=import-outside-toplevel
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    rng = np.random.default_rng(0)
+    train = tf.data.Dataset.from_tensor_slices((rng.normal(size=(5, 3)).astype(np.float32),
+                                                rng.integers(0, 2, 5))).batch(2)
+    tracin = TracIn([InfluenceModel(model, start_layer=0, last_layer=-1, loss_function=loss)], [0.5])
+    lazy = tracin.compute_influence_values(train)
+    assert lazy.options().autotune.enabled is False
+    values = np.concatenate([batch_values.numpy()[:, 0] for _, batch_values in lazy])
+    np.testing.assert_allclose(values, tracin.self_influence(train).numpy(), rtol=1e-6)
 
 
 def test_compute_batches_keeps_the_elements_and_switches_autotuning_off():

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from ..utils.nearest_neighbors import BaseNearestNeighbors, LinearNearestNeighbors
 from ..utils.sorted_dict import ORDER
-from ..utils.tf_operations import assert_batched_dataset, dataset_size, get_device, map_to_device
+from ..utils.tf_operations import assert_batched_dataset, dataset_size, get_device, lazy_map, map_to_device
 from .compat import order_given_as_nearest_neighbors
 from .index_build import build_index
 from .influence_index import InfluenceIndex
@@ -196,8 +196,8 @@ class BaseInfluenceCalculator(TrainStreaming, SelfInfluenceCalculator):
         _check_samples(self, dataset_to_evaluate, "dataset_to_evaluate")  # the values are computed lazily
         inf_vect_ds = self._vector_store(train_set, influence_vector_in_cache, load_influence_vector_path,
                                          save_influence_vector_path, device).dataset()
-        result = dataset_to_evaluate.map(
-            lambda *batch: self._estimate_inf_values_with_inf_vect_dataset(inf_vect_ds, batch, device))
+        result = lazy_map(dataset_to_evaluate,
+                          lambda *batch: self._estimate_inf_values_with_inf_vect_dataset(inf_vect_ds, batch, device))
         if save_influence_value_path is not None:
             for index, (_, inner) in enumerate(result):
                 self._save_dataset(inner, os.path.join(save_influence_value_path, f"batch_{index:06d}"))

@@ -12,7 +12,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from ..utils.tf_operations import assert_batched_dataset, assert_known_cardinality
+from ..utils.tf_operations import assert_batched_dataset, assert_known_cardinality, lazy_map
 from .model_wrappers import BaseInfluenceModel
 
 
@@ -196,9 +196,9 @@ class InverseHessianVectorProduct(ABC):
             One (P, B) tensor per batch.
         """
         assert_batched_dataset(group, "group")
-        return group.map(lambda *batch: self._compute_ihvp_single_batch(batch, use_gradient))
+        return lazy_map(group, lambda *batch: self._compute_ihvp_single_batch(batch, use_gradient))
 
     def compute_hvp(self, group: tf.data.Dataset, use_gradient: bool = True) -> tf.data.Dataset:
         """Hessian-vector products of every batch of ``group``: one (P, B) tensor per batch."""
         assert_batched_dataset(group, "group")
-        return group.map(lambda *batch: self._compute_hvp_single_batch(batch, use_gradient))
+        return lazy_map(group, lambda *batch: self._compute_hvp_single_batch(batch, use_gradient))

@@ -140,9 +140,21 @@ def _require(layer: keras.layers.Layer, base: type, methods: Sequence[str] = ("c
         refuse(layer, f"it is quantized ({layer.quantization_mode})")
 
 
+def static_positions(tensor: tf.Tensor, width: int = 1) -> Optional[int]:
+    """T, the number of rows of ``width`` values per sample of a (B, ...) tensor, when its sizes after the batch's
+    are static; else None."""
+    sizes = tensor.shape[1:]
+    if sizes.rank is None or None in sizes.as_list():
+        return None
+    return int(np.prod(sizes.as_list(), dtype=np.int64)) // width
+
+
 def _rows(tensor: tf.Tensor, width: int) -> tf.Tensor:
-    """(B, ..., width) -> (B, T, width), the positions of a sample contiguous (row-major)."""
-    return tf.reshape(tensor, tf.stack([tf.shape(tensor)[0], -1, width]))
+    """(B, ..., width) -> (B, T, width), the positions of a sample contiguous (row-major). T stays static when the
+    sizes after the batch's are (the choices between product forms read it), also under a trace for any batch
+    size."""
+    positions = static_positions(tensor, width)
+    return tf.reshape(tensor, tf.stack([tf.shape(tensor)[0], -1 if positions is None else positions, width]))
 
 
 def sum_to_shape(gradients: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
@@ -384,7 +396,9 @@ class EmbeddingAdapter(LayerAdapter):
         return probe(outputs)
 
     def factors(self, layer: keras.layers.Layer, inputs: Any, gradients: tf.Tensor) -> CallFactors:
-        ids = tf.reshape(tf.cast(inputs, tf.int32), tf.stack([tf.shape(inputs)[0], -1]))
+        positions = static_positions(inputs)
+        ids = tf.reshape(tf.cast(inputs, tf.int32),
+                         tf.stack([tf.shape(inputs)[0], -1 if positions is None else positions]))
         return CallFactors(ids, _rows(gradients, int(layer.output_dim)), (None,))
 
 

@@ -123,7 +123,11 @@ class LayerFactors:
             table = tf.math.unsorted_segment_sum(tf.reshape(self.output_gradients, [-1, self.out_size]),
                                                  tf.reshape(rows, [-1]), tf.cast(count, tf.int64) * self.vocabulary)
             return tf.reshape(table, tf.stack([count, self.in_size * self.out_size]))
-        product = tf.matmul(self.inputs, self.output_gradients, transpose_a=True)  # (B, in, out)
+        if self.row_windows is not None:  # a convolution's: one product per kernel offset, the patches not formed
+            product = tf.concat([tf.matmul(window, self.output_gradients, transpose_a=True)
+                                 for window in self.row_windows()], axis=1)
+        else:
+            product = tf.matmul(self.inputs, self.output_gradients, transpose_a=True)  # (B, in, out)
         return tf.reshape(product, tf.stack([count, self.in_size * self.out_size]))
 
     def kernel_gradients(self) -> tf.Tensor:
