@@ -157,6 +157,33 @@ class _BackToSamples(keras.layers.Layer):
         return tf.reshape(tf.transpose(tf.reshape(inputs, [6, -1, 4]), [1, 0, 2]), [-1, 6 * 4])
 
 
+@pytest.mark.parametrize("budget, held", [(2 ** 30, True), (64, False)])
+def test_tracin_matrix_holds_the_test_factors_when_they_fit(monkeypatch, budget, held):
+    """The test batches' factors are computed once and held for the pass when they fit a quarter of
+    ``memory_budget_bytes``, else recomputed with every training batch: the same matrix as per-sample tapes."""
+    from deel.influenciae.trac_in.factored import FactoredTracInKernels  # pylint: disable=import-outside-toplevel
+    calls = []
+    original = FactoredTracInKernels.pairwise_with_held
+    monkeypatch.setattr(FactoredTracInKernels, "pairwise_with_held",
+                        lambda self, *args: calls.append(1) or original(self, *args))
+    rng = np.random.default_rng(11)
+    models = [conv_model() for _ in range(2)]
+    models[1].set_weights([w * 0.9 for w in models[0].get_weights()])
+    x_train, y_train = rng.normal(size=(7, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 7)
+    x_test, y_test = rng.normal(size=(5, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 5)
+    tracin = TracIn([InfluenceModel(m, start_layer=0, last_layer=-1, loss_function=LOSS) for m in models],
+                    [0.2, 0.7])
+    tracin.memory_budget_bytes = budget
+    matrix = tracin.influence_matrix(tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2),
+                                     tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(3)).numpy()
+    expected = sum(rate * per_sample_tapes(m, x_test, y_test) @ per_sample_tapes(m, x_train, y_train).T
+                   for rate, m in zip((0.2, 0.7), models))
+    np.testing.assert_allclose(matrix, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert bool(calls) is held
+    if held:
+        assert len(calls) == 3 * 3  # 3 test batches for each of the 3 training batches
+
+
 def time_major_model():
     keras.utils.set_random_seed(10)
     return keras.Sequential([keras.Input((6, 5)), _TimeMajorRows(name="time_major_rows"),

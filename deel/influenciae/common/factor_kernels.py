@@ -281,7 +281,10 @@ class WeightedProducts:
 
     * ``pairwise(left, right, weights)``: ``Σ_k w_k ⟨g_k(i), g_k(j)⟩``, (B_left, B_right);
     * ``squared_norms(batch, weights)``: ``Σ_k w_k ‖g_k(i)‖²``, (B,);
-    * ``gradients(batch, weights)``: ``[w_1 g_1(i), ..., w_K g_K(i)]``, (B, Σ_k P_k).
+    * ``gradients(batch, weights)``: ``[w_1 g_1(i), ..., w_K g_K(i)]``, (B, Σ_k P_k);
+    * ``factor_tensors(batch)``: every model's factors of a batch as tensors, to be held while many batches are
+      multiplied with them by ``pairwise_with(held, right, weights)`` (= ``pairwise(batch, right, weights)``; the
+      held batch's forward and backward passes are not run again for every ``right``).
 
     The models' plans must be built (``plan_for``) before a first call. Obtain it with :func:`weighted_products`.
     """
@@ -301,6 +304,16 @@ class WeightedProducts:
         self.gradients = _compiled(lambda batch, weights: tf.concat(
             [tf.cast(weights[index], dtype) * factor.in_graph(batch).gradients()
              for index, factor in enumerate(self.factors)], axis=1))
+        # pylint: disable=protected-access
+        self.factor_tensors = _compiled(lambda batch: tuple(factor._flat_tensors(tuple(batch))
+                                                            for factor in self.factors))
+
+        def pairwise_with(held: Tuple, right: Tuple, weights: tf.Tensor) -> tf.Tensor:
+            return tf.add_n([tf.cast(weights[index], dtype)
+                             * factor._assemble(factor.plan, *held[index]).pairwise(factor.in_graph(right))
+                             for index, factor in enumerate(self.factors)])
+
+        self.pairwise_with = _compiled(pairwise_with)
 
 
 def weighted_products(factors: Sequence[LayerFactorKernels]) -> WeightedProducts:

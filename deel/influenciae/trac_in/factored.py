@@ -53,6 +53,18 @@ class FactoredTracInKernels:
             return None
         return self._compiled().pairwise(test_batch, train_batch, rates)
 
+    def held_test_factors(self, test_batch: Tuple) -> Optional[Tuple]:
+        """Every checkpoint's factors of ``test_batch`` as tensors (rows, output gradients, closed forms), to be
+        held for :meth:`pairwise_with_held`; None (see the class)."""
+        test_batch = tuple(test_batch)
+        if not self.usable(test_batch):
+            return None
+        return self._compiled().factor_tensors(test_batch)
+
+    def pairwise_with_held(self, held: Tuple, train_batch: Tuple, rates: tf.Tensor) -> tf.Tensor:
+        """:meth:`pairwise` from the test batch's :meth:`held_test_factors`: (B_t, B)."""
+        return self._compiled().pairwise_with(held, tuple(train_batch), rates)
+
     def squared_norms(self, batch: Tuple, rates: tf.Tensor) -> Optional[tf.Tensor]:
         """``Σ_k lr_k ||g_k(z)||²``: (B,), or None (see the class)."""
         batch = tuple(batch)

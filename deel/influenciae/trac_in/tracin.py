@@ -146,11 +146,27 @@ class TracIn(BaseInfluenceCalculator):
         if not all(self._factored.usable(tuple(test_batch)) for test_batch in test_batches):
             return None
 
+        executor = self._streaming_executor()
+        # The test batches' factors, computed once and held for the pass when they fit a quarter of the budget
+        # (else recomputed with every training batch).
+        held: Optional[List[Tuple]] = []
+        held_bytes = 0
+        for test_batch in test_batches:
+            factors = self._factored.held_test_factors(test_batch)
+            held_bytes += sum(int(tf.size(tensor)) * tensor.dtype.size for tensor in tf.nest.flatten(factors)
+                              if tensor is not None)
+            if held_bytes > executor.memory_budget_bytes // 4:
+                held = None
+                break
+            held.append(factors)
+
         def block(batch: Tuple) -> tf.Tensor:
-            blocks = [self._factored.pairwise(test_batch, batch, self._rates) for test_batch in test_batches]
+            if held is not None:
+                blocks = [self._factored.pairwise_with_held(factors, batch, self._rates) for factors in held]
+            else:
+                blocks = [self._factored.pairwise(test_batch, batch, self._rates) for test_batch in test_batches]
             return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)
 
-        executor = self._streaming_executor()
         return [executor.apply(block, batch, axis=1) for batch in executor.batches(train_set, "influence matrix")]
 
     def _pairwise_block(self, test_gradients: List[tf.Tensor], train_samples: Tuple) -> tf.Tensor:
