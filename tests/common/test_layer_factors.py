@@ -157,11 +157,16 @@ class _BackToSamples(keras.layers.Layer):
         return tf.reshape(tf.transpose(tf.reshape(inputs, [6, -1, 4]), [1, 0, 2]), [-1, 6 * 4])
 
 
-@pytest.mark.parametrize("budget, held", [(2 ** 30, True), (64, False)])
-def test_tracin_matrix_holds_the_test_factors_when_they_fit(monkeypatch, budget, held):
+@pytest.mark.parametrize("budget, minimum, held", [(2 ** 30, 0, True), (64, 0, False), (2 ** 30, None, False)])
+def test_tracin_matrix_holds_the_test_factors_when_they_fit(monkeypatch, budget, minimum, held):
     """The test batches' factors are computed once and held for the pass when they fit a quarter of
-    ``memory_budget_bytes``, else recomputed with every training batch: the same matrix as per-sample tapes."""
-    from deel.influenciae.trac_in.factored import FactoredTracInKernels  # pylint: disable=import-outside-toplevel
+    ``memory_budget_bytes`` (and are not tiny: ``HELD_FACTORS_MIN_BYTES``), else recomputed with every training
+    batch: the same matrix as per-sample tapes either way."""
+    # pylint: disable=import-outside-toplevel
+    from deel.influenciae.trac_in import tracin as tracin_module
+    from deel.influenciae.trac_in.factored import FactoredTracInKernels
+    if minimum is not None:
+        monkeypatch.setattr(tracin_module, "HELD_FACTORS_MIN_BYTES", minimum)
     calls = []
     original = FactoredTracInKernels.pairwise_with_held
     monkeypatch.setattr(FactoredTracInKernels, "pairwise_with_held",

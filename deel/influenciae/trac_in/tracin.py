@@ -29,6 +29,10 @@ def _broadcast_learning_rates(learning_rates: Union[float, Sequence[float]], nb_
     return rates
 
 
+# Test-side factors smaller than this are recomputed with every training batch rather than held (see
+# TracIn._factored_columns).
+HELD_FACTORS_MIN_BYTES = 1 << 20
+
 class TracIn(BaseInfluenceCalculator):
     r"""TracInCP: influence as the sum over training checkpoints of learning-rate-weighted gradient products.
 
@@ -148,7 +152,8 @@ class TracIn(BaseInfluenceCalculator):
 
         executor = self._streaming_executor()
         # The test batches' factors, computed once and held for the pass when they fit a quarter of the budget
-        # (else recomputed with every training batch).
+        # (else recomputed with every training batch). Below HELD_FACTORS_MIN_BYTES, recomputing them costs less
+        # than passing them to every call (a last layer's factors on the digits MLP: 3.7 against 4.0 ms per batch).
         held: Optional[List[Tuple]] = []
         held_bytes = 0
         for test_batch in test_batches:
@@ -159,6 +164,8 @@ class TracIn(BaseInfluenceCalculator):
                 held = None
                 break
             held.append(factors)
+        if held is not None and held_bytes < HELD_FACTORS_MIN_BYTES:
+            held = None
 
         def block(batch: Tuple) -> tf.Tensor:
             if held is not None:
