@@ -212,10 +212,7 @@ def profile(rows: Rows, influence_model: Any, solvers: Dict[str, Any], train: tf
                      kind="profile", note=f"{timing['seconds']:.3f} s per batch, per-sample gradients included")
     statistic = ekfac._compiled.get("corrected")
     if statistic is not None:
-        states = [ekfac.state[str(index)] for index in range(len(blocks))]
-        bases = tuple((None if block.diagonal_rows else tf.constant(state["rows_basis"], ekfac.statistics_dtype),
-                       tf.constant(state["outputs_basis"], ekfac.statistics_dtype))
-                      for block, state in zip(blocks, states))
+        bases = ekfac.block_bases(ekfac.statistics_dtype)
         position = tf.constant((0, 0), tf.int64)
         timing = per_batch_seconds(lambda: [value.numpy() for value in statistic(first_batch, position, bases)])
         rows.add("  EK-FAC corrected-eigenvalue statistic, all N", scaled(timing, batches), kind="profile",

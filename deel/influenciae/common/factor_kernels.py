@@ -189,6 +189,17 @@ class LayerFactorKernels:
         layers, materialised = self._flat_tensors(batch)
         return self._assemble(plan, layers, materialised, self._traced_shortcuts)
 
+    def tensors(self, batch: Tuple) -> Tuple[Tuple[LayerTensors, ...], Tuple[tf.Tensor, ...]]:
+        """The factors of one batch as tensors (compiled), to be held and turned back into factors by
+        :meth:`assemble` (in a graph being traced) without running the batch's passes again."""
+        batch = tuple(batch)
+        self.plan_for(batch)
+        return self._flat_factors(batch)
+
+    def assemble(self, tensors: Tuple[Tuple[LayerTensors, ...], Tuple[tf.Tensor, ...]]) -> BatchFactors:
+        """:class:`BatchFactors` from :meth:`tensors` (the plan must be built)."""
+        return self._assemble(self.plan, *tensors)
+
     def pairwise(self, left: Tuple, right: Tuple) -> tf.Tensor:
         """``⟨g_i, g_j⟩`` for every sample i of ``left`` and j of ``right``: (B_left, B_right)."""
         self.plan_for(left)
@@ -282,9 +293,8 @@ class WeightedProducts:
     * ``pairwise(left, right, weights)``: ``Σ_k w_k ⟨g_k(i), g_k(j)⟩``, (B_left, B_right);
     * ``squared_norms(batch, weights)``: ``Σ_k w_k ‖g_k(i)‖²``, (B,);
     * ``gradients(batch, weights)``: ``[w_1 g_1(i), ..., w_K g_K(i)]``, (B, Σ_k P_k);
-    * ``factor_tensors(batch)``: every model's factors of a batch as tensors, to be held while many batches are
-      multiplied with them by ``pairwise_with(held, right, weights)`` (= ``pairwise(batch, right, weights)``; the
-      held batch's forward and backward passes are not run again for every ``right``).
+    * ``pairwise_with(held, right, weights)``: ``pairwise(batch, right, weights)`` from every model's
+      :meth:`LayerFactorKernels.tensors` of ``batch``, held (its passes are not run again for every ``right``).
 
     The models' plans must be built (``plan_for``) before a first call. Obtain it with :func:`weighted_products`.
     """
@@ -304,16 +314,9 @@ class WeightedProducts:
         self.gradients = _compiled(lambda batch, weights: tf.concat(
             [tf.cast(weights[index], dtype) * factor.in_graph(batch).gradients()
              for index, factor in enumerate(self.factors)], axis=1))
-        # pylint: disable=protected-access
-        self.factor_tensors = _compiled(lambda batch: tuple(factor._flat_tensors(tuple(batch))
-                                                            for factor in self.factors))
-
-        def pairwise_with(held: Tuple, right: Tuple, weights: tf.Tensor) -> tf.Tensor:
-            return tf.add_n([tf.cast(weights[index], dtype)
-                             * factor._assemble(factor.plan, *held[index]).pairwise(factor.in_graph(right))
-                             for index, factor in enumerate(self.factors)])
-
-        self.pairwise_with = _compiled(pairwise_with)
+        self.pairwise_with = _compiled(lambda held, right, weights: tf.add_n(
+            [tf.cast(weights[index], dtype) * factor.assemble(held[index]).pairwise(factor.in_graph(right))
+             for index, factor in enumerate(self.factors)]))
 
 
 def weighted_products(factors: Sequence[LayerFactorKernels]) -> WeightedProducts:

@@ -332,10 +332,8 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
             fields["outputs_values"], fields["outputs_basis"] = np.linalg.eigh((gradients + gradients.T) / 2)
 
     def _fit_corrected_eigenvalues(self, blocks: Tuple[KroneckerBlock, ...]) -> None:
-        model, dtype, fisher = self.model, self.statistics_dtype, self._fisher_key
-        bases = tuple((None if block.diagonal_rows else tf.constant(self.state[str(index)]["rows_basis"], dtype),
-                       tf.constant(self.state[str(index)]["outputs_basis"], dtype))
-                      for index, block in enumerate(blocks))
+        model, fisher = self.model, self._fisher_key
+        bases = self.block_bases(self.statistics_dtype)
 
         def statistics(batch: Tuple, position: tf.Tensor, block_bases: Tuple) -> Tuple:
             factors = model.layer_factors.in_graph(_labelled(model, fisher, batch, position, 1))
@@ -361,12 +359,17 @@ class KFACIHVP(InverseHessianVectorProduct):  # pylint: disable=too-many-instanc
             return self.regularization
         return self.regularization + self.damping_heuristic * float(self.eigenvalues(index).mean())
 
+    def block_bases(self, dtype: tf.DType) -> Tuple[Tuple[Optional[tf.Tensor], tf.Tensor], ...]:
+        """``(Q_A, Q_S)`` of every block in ``dtype`` (Q_A None for an embedding's diagonal A), once the
+        eigendecompositions are fitted."""
+        return tuple((None if block.diagonal_rows else tf.constant(self.state[str(index)]["rows_basis"], dtype),
+                      tf.constant(self.state[str(index)]["outputs_basis"], dtype))
+                     for index, block in enumerate(self.blocks))
+
     def _prepare(self) -> None:
         """Tensors of the products: bases and ``1 / (Λ + λ)`` per block (rebuilt when λ changes)."""
-        fields = [self.state[str(index)] for index in range(len(self.blocks))]
         dtype = self.solve_dtype
-        self._bases = [(None if block.diagonal_rows else tf.constant(state["rows_basis"], dtype),
-                        tf.constant(state["outputs_basis"], dtype)) for block, state in zip(self.blocks, fields)]
+        self._bases = list(self.block_bases(dtype))
         self._values = [tf.constant(self.eigenvalues(index), dtype) for index in range(len(self.blocks))]
         inverse = []
         for index, values in enumerate(self._values):

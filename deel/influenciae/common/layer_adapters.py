@@ -149,12 +149,17 @@ def static_positions(tensor: tf.Tensor, width: int = 1) -> Optional[int]:
     return int(np.prod(sizes.as_list(), dtype=np.int64)) // width
 
 
-def _rows(tensor: tf.Tensor, width: int) -> tf.Tensor:
-    """(B, ..., width) -> (B, T, width), the positions of a sample contiguous (row-major). T stays static when the
+def _per_sample(tensor: tf.Tensor, trailing: Sequence[int]) -> tf.Tensor:
+    """(B, ...) -> (B, T, *trailing), the positions of a sample contiguous (row-major). T stays static when the
     sizes after the batch's are (the choices between product forms read it), also under a trace for any batch
     size."""
-    positions = static_positions(tensor, width)
-    return tf.reshape(tensor, tf.stack([tf.shape(tensor)[0], -1 if positions is None else positions, width]))
+    positions = static_positions(tensor, int(np.prod(trailing, dtype=np.int64)))
+    return tf.reshape(tensor, tf.stack([tf.shape(tensor)[0], -1 if positions is None else positions, *trailing]))
+
+
+def _rows(tensor: tf.Tensor, width: int) -> tf.Tensor:
+    """(B, ..., width) -> (B, T, width) (see :func:`_per_sample`)."""
+    return _per_sample(tensor, [width])
 
 
 def sum_to_shape(gradients: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
@@ -396,10 +401,7 @@ class EmbeddingAdapter(LayerAdapter):
         return probe(outputs)
 
     def factors(self, layer: keras.layers.Layer, inputs: Any, gradients: tf.Tensor) -> CallFactors:
-        positions = static_positions(inputs)
-        ids = tf.reshape(tf.cast(inputs, tf.int32),
-                         tf.stack([tf.shape(inputs)[0], -1 if positions is None else positions]))
-        return CallFactors(ids, _rows(gradients, int(layer.output_dim)), (None,))
+        return CallFactors(_per_sample(tf.cast(inputs, tf.int32), []), _rows(gradients, int(layer.output_dim)), (None,))
 
 
 # Normalisations ----------------------------------------------------------------------------------------------------

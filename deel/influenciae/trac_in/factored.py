@@ -59,7 +59,7 @@ class FactoredTracInKernels:
         test_batch = tuple(test_batch)
         if not self.usable(test_batch):
             return None
-        return self._compiled().factor_tensors(test_batch)
+        return tuple(factors.tensors(test_batch) for factors in self.factors)
 
     def pairwise_with_held(self, held: Tuple, train_batch: Tuple, rates: tf.Tensor) -> tf.Tensor:
         """:meth:`pairwise` from the test batch's :meth:`held_test_factors`: (B_t, B)."""
