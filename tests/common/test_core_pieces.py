@@ -70,6 +70,58 @@ def test_executor_reports_non_finite_batches():
         list(Executor().map(lambda batch: batch, dataset, name="checked_set"))
 
 
+def test_executor_merges_consecutive_small_batches_in_order():
+    """``merge_rows`` concatenates consecutive batches while they hold at most that many samples, keeps the order
+    and the samples, yields a batch larger than ``merge_rows`` as it is, and still checks every batch read."""
+    data = np.arange(23, dtype=np.float32).reshape(23, 1)
+    dataset = tf.data.Dataset.from_tensor_slices((data, data[:, 0].astype(np.int64))).batch(5)
+    executor = Executor()
+    sizes = lambda rows: [int(batch[0].shape[0]) for batch in executor.batches(dataset, merge_rows=rows)]
+    assert sizes(0) == [5, 5, 5, 5, 3] and sizes(4) == [5, 5, 5, 5, 3]
+    assert sizes(10) == [10, 10, 3] and sizes(12) == [10, 10, 3] and sizes(13) == [10, 13]
+    assert sizes(15) == [15, 8] and sizes(100) == [23]
+    merged = list(executor.batches(dataset, merge_rows=12))
+    np.testing.assert_array_equal(np.concatenate([batch[0].numpy() for batch in merged]), data)
+    np.testing.assert_array_equal(np.concatenate([batch[1].numpy() for batch in merged]), data[:, 0])
+    spoiled = data.copy()
+    spoiled[17, 0] = np.inf
+    with pytest.raises(ValueError, match="batch 3 of spoiled_set, sample 17"):
+        list(executor.batches(tf.data.Dataset.from_tensor_slices((spoiled, spoiled)).batch(5), name="spoiled_set",
+                              merge_rows=100))
+
+
+def test_merged_batch_rows_from_the_models_layer_outputs(monkeypatch):
+    """A functional model's layer outputs per sample are counted from their shapes (nested models included); the
+    rows of a merged batch are the cap over three times the models' outputs; unknown outputs merge nothing."""
+    # pylint: disable=import-outside-toplevel
+    import keras
+    from deel.influenciae.common import memory
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5), keras.layers.Dense(4)])
+    inputs = keras.Input((3, 2))
+    flat = keras.layers.Flatten()(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(inner(flat)))
+    # input 3·2, flatten 6, the nested model's output 4 and its layers 5 + 4, the last dense 2 (float32)
+    assert memory.activation_bytes_per_sample(model) == 4 * (6 + 6 + 4 + 5 + 4 + 2)
+    monkeypatch.setattr(memory, "MERGED_BATCH_BYTES", 3 * 108 * 2 * 10)
+    assert memory.merged_batch_rows([model, model], 2 ** 40) == 10
+    assert memory.merged_batch_rows([model, model], 16 * 3 * 108 * 2 * 4) == 4  # a sixteenth of the budget
+    assert memory.activation_bytes_per_sample(keras.Sequential([keras.layers.Dense(2)])) is None  # never built
+
+    class Subclassed(keras.Model):  # pylint: disable=abstract-method
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs):  # pylint: disable=arguments-differ
+            return self.dense(inputs)
+
+    subclassed = Subclassed()
+    subclassed(np.zeros((1, 3), np.float32))
+    assert memory.merged_batch_rows([model, subclassed], 2 ** 40) == 0
+    sequences = keras.Input((None, 4))
+    assert memory.merged_batch_rows([keras.Model(sequences, keras.layers.Dense(2)(sequences))], 2 ** 40) == 0
+
+
 # Vector store ---------------------------------------------------------------------------------------------------
 def test_vector_stores_hand_out_the_same_vectors(tmp_path):
     data = np.arange(22, dtype=np.float32).reshape(11, 2)

@@ -1,10 +1,12 @@
 """Per-layer factors of dense layers against per-sample tapes, and their fallbacks."""
+from typing import Optional
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from deel.influenciae.common import InfluenceModel
+from deel.influenciae.common import BaseInfluenceModel, InfluenceModel
 from deel.influenciae.trac_in import TracIn
 from tests.per_sample import tape_gradients
 
@@ -157,6 +159,39 @@ class _BackToSamples(keras.layers.Layer):
         return tf.reshape(tf.transpose(tf.reshape(inputs, [6, -1, 4]), [1, 0, 2]), [-1, 6 * 4])
 
 
+@pytest.mark.parametrize("watched", ["all", "last bias"])
+def test_held_factor_bytes_are_known_from_the_traced_shapes(watched):
+    """The bytes per sample of a batch's held factors, read from the traced function's output shapes without
+    running it, are those of the factors computed."""
+    model = conv_model()
+    weights = model.trainable_weights if watched == "all" else [model.layers[-1].bias]
+    factors = BaseInfluenceModel(model, weights, loss_function=LOSS).layer_factors
+    rng = np.random.default_rng(5)
+    batch = (tf.constant(rng.normal(size=(4, 6, 6, 2)), tf.float32), tf.constant(rng.integers(0, 3, 4)))
+    per_sample = factors.tensors_bytes_per_sample(batch)
+    held = [tensor for tensor in tf.nest.flatten(factors.tensors(batch)) if tensor is not None]
+    assert per_sample * 4 == sum(int(tf.size(tensor)) * tensor.dtype.size for tensor in held) > 0
+
+
+def check_two_checkpoint_conv_matrix(seed: int, scale: float, rates: tuple, budget: Optional[int] = None) -> None:
+    """TracIn's matrix over two checkpoints of the small CNN (the second one's weights scaled by ``scale``), 5 test
+    samples in batches of 2 against 7 training samples in batches of 3, equal to the one of per-sample tapes."""
+    rng = np.random.default_rng(seed)
+    models = [conv_model() for _ in range(2)]
+    models[1].set_weights([w * scale for w in models[0].get_weights()])
+    x_train, y_train = rng.normal(size=(7, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 7)
+    x_test, y_test = rng.normal(size=(5, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 5)
+    tracin = TracIn([InfluenceModel(m, start_layer=0, last_layer=-1, loss_function=LOSS) for m in models],
+                    list(rates))
+    if budget is not None:
+        tracin.memory_budget_bytes = budget
+    matrix = tracin.influence_matrix(tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2),
+                                     tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(3)).numpy()
+    expected = sum(rate * per_sample_tapes(m, x_test, y_test) @ per_sample_tapes(m, x_train, y_train).T
+                   for rate, m in zip(rates, models))
+    np.testing.assert_allclose(matrix, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("budget, minimum, held", [(2 ** 30, 0, True), (64, 0, False), (2 ** 30, None, False)])
 def test_tracin_matrix_holds_the_test_factors_when_they_fit(monkeypatch, budget, minimum, held):
     """The test batches' factors are computed once and held for the pass when they fit a quarter of
@@ -164,29 +199,40 @@ def test_tracin_matrix_holds_the_test_factors_when_they_fit(monkeypatch, budget,
     batch: the same matrix as per-sample tapes either way."""
     # pylint: disable=import-outside-toplevel
     from deel.influenciae.trac_in import tracin as tracin_module
+    from deel.influenciae.common import memory
     from deel.influenciae.trac_in.factored import FactoredTracInKernels
     if minimum is not None:
         monkeypatch.setattr(tracin_module, "HELD_FACTORS_MIN_BYTES", minimum)
+    monkeypatch.setattr(memory, "MERGED_BATCH_BYTES", 0)  # one call per training batch
     calls = []
     original = FactoredTracInKernels.pairwise_with_held
     monkeypatch.setattr(FactoredTracInKernels, "pairwise_with_held",
                         lambda self, *args: calls.append(1) or original(self, *args))
-    rng = np.random.default_rng(11)
-    models = [conv_model() for _ in range(2)]
-    models[1].set_weights([w * 0.9 for w in models[0].get_weights()])
-    x_train, y_train = rng.normal(size=(7, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 7)
-    x_test, y_test = rng.normal(size=(5, 6, 6, 2)).astype(np.float32), rng.integers(0, 3, 5)
-    tracin = TracIn([InfluenceModel(m, start_layer=0, last_layer=-1, loss_function=LOSS) for m in models],
-                    [0.2, 0.7])
-    tracin.memory_budget_bytes = budget
-    matrix = tracin.influence_matrix(tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2),
-                                     tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(3)).numpy()
-    expected = sum(rate * per_sample_tapes(m, x_test, y_test) @ per_sample_tapes(m, x_train, y_train).T
-                   for rate, m in zip((0.2, 0.7), models))
-    np.testing.assert_allclose(matrix, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    check_two_checkpoint_conv_matrix(11, 0.9, (0.2, 0.7), budget)
     assert bool(calls) is held
     if held:
         assert len(calls) == 3 * 3  # 3 test batches for each of the 3 training batches
+
+
+@pytest.mark.parametrize("merged_bytes, train_rows", [(0, [3, 3, 1]), (None, [7])])
+def test_tracin_matrix_merges_small_training_batches(monkeypatch, merged_bytes, train_rows):
+    """On a model this small the training batches are merged into one call (by default); with merging off, one
+    call per training batch. The test factors, smaller than ``HELD_FACTORS_MIN_BYTES`` by their traced shapes, are
+    not computed apart. The same matrix as per-sample tapes either way."""
+    # pylint: disable=import-outside-toplevel
+    from deel.influenciae.common import memory
+    from deel.influenciae.trac_in.factored import FactoredTracInKernels
+    if merged_bytes is not None:
+        monkeypatch.setattr(memory, "MERGED_BATCH_BYTES", merged_bytes)
+    rows, held = [], []
+    pairwise, held_test_factors = FactoredTracInKernels.pairwise, FactoredTracInKernels.held_test_factors
+    monkeypatch.setattr(FactoredTracInKernels, "pairwise", lambda self, test, train, rates: rows.append(
+        int(train[0].shape[0])) or pairwise(self, test, train, rates))
+    monkeypatch.setattr(FactoredTracInKernels, "held_test_factors",
+                        lambda self, batch: held.append(1) or held_test_factors(self, batch))
+    check_two_checkpoint_conv_matrix(12, 1.1, (0.3, 0.5))
+    assert rows == [size for size in train_rows for _ in range(3)]  # every training call with the 3 test batches
+    assert not held
 
 
 def time_major_model():

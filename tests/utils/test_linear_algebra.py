@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from deel.influenciae.utils.linear_algebra import (blocked_cholesky, blocked_cholesky_solve, blocked_triangular_solve,
-                                                   cholesky_or_none, symmetric_eigh, symmetric_eigvalsh)
+                                                   cholesky_or_none, lower_cholesky, symmetric_eigh,
+                                                   symmetric_eigvalsh)
 
 
 def spd_matrix(size, seed):
@@ -118,3 +119,21 @@ def test_symmetric_eigh_inside_a_graph_uses_tensorflow():
     np.testing.assert_allclose(eigenvalues.numpy(), np.linalg.eigvalsh(matrix), rtol=1e-10)
     values_only = tf.function(symmetric_eigvalsh)(tf.constant(matrix))
     np.testing.assert_allclose(values_only.numpy(), np.linalg.eigvalsh(matrix), rtol=1e-10)
+
+
+@pytest.mark.parametrize("use_scipy", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lower_cholesky_reconstructs_the_matrix_and_rejects_indefinite_ones(use_scipy, dtype):
+    """L is lower triangular, in the matrix's dtype, and L Lᵀ gives the matrix back (SciPy's LAPACK and NumPy's
+    fallback alike); an indefinite matrix raises LinAlgError."""
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(40, 24))
+    matrix = (features.T @ features / 40 + 0.1 * np.eye(24)).astype(dtype)
+    factor = lower_cholesky(matrix, use_scipy=use_scipy)
+    assert factor.dtype == dtype and np.all(np.triu(factor, 1) == 0)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(factor.astype(np.float64) @ factor.T.astype(np.float64), matrix.astype(np.float64),
+                               rtol=tolerance, atol=tolerance)
+    with pytest.raises(np.linalg.LinAlgError):
+        lower_cholesky((matrix - 2 * np.eye(24, dtype=dtype) * np.abs(matrix).max()).astype(dtype),
+                       use_scipy=use_scipy)

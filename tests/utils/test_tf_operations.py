@@ -467,3 +467,20 @@ def test_compute_batches_keeps_the_elements_and_switches_autotuning_off():
     assert computed.options().autotune.enabled is False
     assert [batch.numpy().tolist() for batch in computed] == [batch.numpy().tolist() for batch in dataset]
     assert int(computed.cardinality()) == 4
+
+
+def test_compute_batches_builds_the_untuned_dataset_once_and_finds_non_finite_values_on_the_host():
+    """The dataset without autotuning is built once per input dataset; the host-memory check (NumPy) finds NaN
+    and inf in float16/32/64 inputs and float targets, naming the batch and the sample."""
+    # pylint: disable=import-outside-toplevel
+    from deel.influenciae.utils.batch_checks import compute_batches, untuned
+    dataset = tf.data.Dataset.from_tensor_slices(np.zeros((4, 2), np.float32)).batch(2)
+    assert untuned(dataset) is untuned(dataset) and untuned(dataset).options().autotune.enabled is False
+    for dtype in (np.float16, np.float32, np.float64):
+        for component, value in ((0, np.nan), (1, -np.inf)):
+            columns = [np.ones((5, 3), dtype), np.ones((5, 1), dtype)]
+            columns[component][3, 0] = value
+            spoiled = tf.data.Dataset.from_tensor_slices(tuple(columns)).batch(2)
+            with pytest.raises(ValueError, match=f"(inputs|targets) \\(element {component}\\) of batch 1 of "
+                                                 "spoiled, sample 3 of spoiled"):
+                list(compute_batches(spoiled, "spoiled"))

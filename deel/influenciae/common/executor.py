@@ -7,12 +7,12 @@ two primitives the methods need: **map** (one result per batch, yielded or conca
 over batches and the number of samples). Under a ``tf.distribute`` strategy with several replicas, every batch is
 split across the replicas and the results gathered (map) or all-reduced (sum): see :mod:`.distribution`.
 """
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import tensorflow as tf
 
 from ..utils.batch_checks import compute_batches
-from ..utils.progress import progress_bar
+from ..utils.progress import progress_bar, resolve_verbose
 from ..utils.tf_operations import batch_count, get_device
 from .distribution import at_position, check_strategy, in_replica_context, is_distributed, run_on_replicas
 from .memory import DEFAULT_MEMORY_BUDGET_BYTES
@@ -30,6 +30,33 @@ def concat_structures(parts: List[Any], axis: int = 0) -> Any:
 def first_dim(structure: Any) -> int:
     """Number of rows (samples) of a batch structure."""
     return int(tf.shape(tf.nest.flatten(structure)[0])[0])
+
+
+def _static_rows(batch: Tuple) -> Optional[int]:
+    """Number of samples of an eager batch of dense tensors (read from their shapes), None for other batches."""
+    tensors = tf.nest.flatten(batch)
+    if not tensors or not all(isinstance(tensor, tf.Tensor) and tensor.shape.rank for tensor in tensors):
+        return None
+    return tensors[0].shape[0]
+
+
+def merged_batches(batches: Iterable[Tuple], rows: int) -> Iterator[Tuple]:
+    """Consecutive ``batches`` concatenated while they hold at most ``rows`` samples together, in order; batches
+    that are not all dense tensors, or larger than ``rows`` alone, are yielded as they are."""
+    pending: List[Tuple] = []
+    pending_rows = 0
+    for batch in batches:
+        count = _static_rows(batch)
+        if pending and (count is None or pending_rows + count > rows):
+            yield pending[0] if len(pending) == 1 else concat_structures(pending)
+            pending, pending_rows = [], 0
+        if count is None:
+            yield batch
+            continue
+        pending.append(batch)
+        pending_rows += count
+    if pending:
+        yield pending[0] if len(pending) == 1 else concat_structures(pending)
 
 
 class Executor:
@@ -75,16 +102,22 @@ class Executor:
             return function(batch)
 
     def batches(self, dataset: tf.data.Dataset, description: Optional[str] = None,
-                name: Optional[str] = None) -> Iterator[Tuple]:
+                name: Optional[str] = None, merge_rows: int = 0) -> Iterator[Tuple]:
         """The batches of ``dataset`` as tuples, checked as they are read, with a progress bar when
         ``description`` is given; errors name the dataset ``name`` (default: the argument name under which a
-        public method checked it)."""
+        public method checked it).
+
+        ``merge_rows`` > 0 concatenates consecutive batches of dense tensors while they hold at most that many
+        samples together (a larger batch is yielded as it is; the order of the samples is kept): for passes whose
+        per-sample results do not depend on the batching, on models small enough for the calls' dispatch to cost
+        more than their arithmetic (see :func:`~.memory.merged_batch_rows`)."""
         checked = compute_batches(dataset, name)
-        items = checked if description is None else progress_bar(checked, batch_count(dataset), description,
-                                                                 self.verbose)
-        for index, batch in enumerate(items):
+        shown = description is not None and resolve_verbose(self.verbose)  # (counting the batches costs a call)
+        items = progress_bar(checked, batch_count(dataset), description, True) if shown else checked
+        as_tuples = (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,) for batch in items)
+        for index, batch in enumerate(merged_batches(as_tuples, merge_rows) if merge_rows > 0 else as_tuples):
             self._batch_index = index
-            yield tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            yield batch
 
     def map(self, function: Callable[[Tuple], Any], dataset: tf.data.Dataset, description: Optional[str] = None,
             name: Optional[str] = None, axis: int = 0) -> Iterator[Any]:

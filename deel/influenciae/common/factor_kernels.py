@@ -59,6 +59,21 @@ class _BatchCompiled:
             self._primed = True
         return self._function(*args)
 
+    def output_bytes_per_sample(self, *args: Any) -> Optional[int]:
+        """Bytes per sample of the outputs of a call on ``args`` (traced for them, not run), every output having
+        the samples on its first axis; None when a non-batch dimension is unknown."""
+        concrete = self._function.get_concrete_function(*batch_specs(args, None))
+        self._primed = True
+        total = 0
+        for output in tf.nest.flatten(concrete.structured_outputs):
+            if output is None:  # e.g. no rows for a layer whose kernel is not watched
+                continue
+            shape = output.shape.as_list()[1:] if output.shape.rank else None
+            if shape is None or any(size is None for size in shape):
+                return None
+            total += int(np.prod(shape)) * output.dtype.size
+        return total
+
     def experimental_get_tracing_count(self) -> int:
         """Number of traces so far (as ``tf.function``'s)."""
         return self._function.experimental_get_tracing_count()
@@ -160,7 +175,7 @@ class LayerFactorKernels:
         self.kernels = kernels
         self.plan: Optional[FactorPlan] = None
         # Traced once for any batch size (a dataset's last, smaller batch does not trace them again).
-        self._flat_factors: Callable[[Tuple], Tuple] = compiled_for_batches(self._flat_tensors)
+        self._flat_factors: _BatchCompiled = _BatchCompiled(self._flat_tensors)
         self._pairwise: Callable[[Tuple, Tuple], tf.Tensor] = compiled_for_batches(
             lambda left, right: self.in_graph(left).pairwise(self.in_graph(right)))
         self._squared_norms: Callable[[Tuple], tf.Tensor] = compiled_for_batches(
@@ -195,6 +210,13 @@ class LayerFactorKernels:
         batch = tuple(batch)
         self.plan_for(batch)
         return self._flat_factors(batch)
+
+    def tensors_bytes_per_sample(self, batch: Tuple) -> Optional[int]:
+        """Bytes per sample of :meth:`tensors` for batches shaped like ``batch``, known without running them (None
+        when a size depends on the values)."""
+        batch = tuple(batch)
+        self.plan_for(batch)
+        return self._flat_factors.output_bytes_per_sample(batch)
 
     def assemble(self, tensors: Tuple[Tuple[LayerTensors, ...], Tuple[tf.Tensor, ...]]) -> BatchFactors:
         """:class:`BatchFactors` from :meth:`tensors` (the plan must be built)."""

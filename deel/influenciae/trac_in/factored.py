@@ -61,6 +61,12 @@ class FactoredTracInKernels:
             return None
         return tuple(factors.tensors(test_batch) for factors in self.factors)
 
+    def held_bytes_per_sample(self, test_batch: Tuple) -> Optional[int]:
+        """Bytes per sample of :meth:`held_test_factors` for batches shaped like ``test_batch``, known without
+        computing them; None when unknown."""
+        sizes = [factors.tensors_bytes_per_sample(tuple(test_batch)) for factors in self.factors]
+        return None if any(size is None for size in sizes) else sum(sizes)
+
     def pairwise_with_held(self, held: Tuple, train_batch: Tuple, rates: tf.Tensor) -> tf.Tensor:
         """:meth:`pairwise` from the test batch's :meth:`held_test_factors`: (B_t, B)."""
         return self._compiled().pairwise_with(held, tuple(train_batch), rates)

@@ -1,4 +1,5 @@
 """TracIn (Pruthi et al. 2020), checkpoint version TracInCP."""
+import itertools
 from numbers import Real
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -6,7 +7,9 @@ import numpy as np
 import tensorflow as tf
 
 from ..common.base_influence import BaseInfluenceCalculator
+from ..common.executor import Executor, first_dim
 from ..common.gradient_projector import GradientProjector
+from ..common.memory import merged_batch_rows
 from ..common.model_wrappers import BaseInfluenceModel, InfluenceModel, assert_finite
 from ..utils.tf_operations import default_process_batch
 from .factored import factored_tracin_kernels
@@ -144,15 +147,23 @@ class TracIn(BaseInfluenceCalculator):
         return [model.batch_jacobian_tensor(samples) for model in self.models]
 
     def _factored_columns(self, test_batches: List[Tuple], train_set: tf.data.Dataset) -> Optional[List[tf.Tensor]]:
-        """The (N_test, B) blocks of the pairwise matrix, one per training batch, from factored per-layer gradients;
-        None when the checkpoints' structure is not supported."""
+        """The (N_test, B) blocks of the pairwise matrix, one per training batch (consecutive small batches merged,
+        see :meth:`_merged_rows`), from factored per-layer gradients; None when the checkpoints' structure is not
+        supported."""
         if self._factored is None:
             return None
         if not all(self._factored.usable(tuple(test_batch)) for test_batch in test_batches):
             return None
 
         executor = self._streaming_executor()
-        held = self._held_test_factors(test_batches, executor.memory_budget_bytes // 4)
+        largest_test = max(first_dim(test_batch) for test_batch in test_batches)
+        train_batches = executor.batches(train_set, "influence matrix",
+                                         merge_rows=max(self._merged_rows(executor) - largest_test, 0))
+        # One training call: the test factors are computed inside it. Several: held for the pass when they fit.
+        first_two = list(itertools.islice(train_batches, 2))
+        held = None
+        if len(first_two) > 1:
+            held = self._held_test_factors(test_batches, executor.memory_budget_bytes // 4)
 
         def block(batch: Tuple) -> tf.Tensor:
             if held is not None:
@@ -161,13 +172,24 @@ class TracIn(BaseInfluenceCalculator):
                 blocks = [self._factored.pairwise(test_batch, batch, self._rates) for test_batch in test_batches]
             return blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)
 
-        return [executor.apply(block, batch, axis=1) for batch in executor.batches(train_set, "influence matrix")]
+        return [executor.apply(block, batch, axis=1) for batch in itertools.chain(first_two, train_batches)]
+
+    def _merged_rows(self, executor: Executor) -> int:
+        """Up to how many samples consecutive training batches are merged into one call over every checkpoint
+        (:func:`~deel.influenciae.common.memory.merged_batch_rows`: only on models small enough for dispatch to
+        dominate; 0 when the checkpoints' layer outputs are unknown)."""
+        return merged_batch_rows([model.model for model in self.models], executor.memory_budget_bytes)
 
     def _held_test_factors(self, test_batches: List[Tuple], budget: int) -> Optional[List[Tuple]]:
         """The test batches' factors, computed once to be held for a pass when they take at most ``budget`` bytes;
         None (recompute them with every training batch) above it, or below ``HELD_FACTORS_MIN_BYTES``, where
         recomputing costs less than passing them to every call (a last layer's factors on the digits MLP: 3.7
-        against 4.0 ms per batch)."""
+        against 4.0 ms per batch). Their size is known beforehand when no dimension depends on the values."""
+        per_sample = self._factored.held_bytes_per_sample(test_batches[0])
+        if per_sample is not None:
+            expected = per_sample * sum(first_dim(test_batch) for test_batch in test_batches)
+            if not HELD_FACTORS_MIN_BYTES <= expected <= budget:
+                return None
         held, held_bytes = [], 0
         for test_batch in test_batches:
             factors = self._factored.held_test_factors(test_batch)

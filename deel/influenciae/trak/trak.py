@@ -13,7 +13,7 @@ from ..common.index_format import atomic_write, calculator_fingerprint
 from ..common.ihvp_base import check_regularization, default_rcond
 from ..common.memory import DEFAULT_MEMORY_BUDGET_BYTES
 from ..common.model_wrappers import BaseInfluenceModel, assert_finite
-from ..utils.linear_algebra import symmetric_eigh
+from ..utils.linear_algebra import lower_cholesky, symmetric_eigh
 from ..utils.tf_operations import assert_batched_dataset
 
 _REWEIGHTS = (None, "cross_entropy", "margin")
@@ -65,7 +65,7 @@ def _cholesky(matrix: np.ndarray, dtype: np.dtype) -> Optional[np.ndarray]:
     fails), or None when the matrix is not positive definite."""
     for chosen in dict.fromkeys((np.dtype(dtype), np.dtype(np.float64))):
         try:
-            factor = np.linalg.cholesky(matrix.astype(chosen))
+            factor = lower_cholesky(matrix.astype(chosen))
         except np.linalg.LinAlgError:
             continue
         if np.all(np.isfinite(factor)):
