@@ -25,6 +25,7 @@ from .autodiff import LossKernels, traced_with_overrides
 from .factor_plan import CallRecord, FactorPlan, LayerPlan, batch_specs, build_plan, replaced_calls
 from .layer_adapters import RowMoments
 from .layer_factors import BatchFactors, LayerFactors
+from .memory import bytes_per_sample
 from .pfor_converters import vectorized_per_sample
 
 LayerTensors = Tuple[Optional[tf.Tensor], Optional[tf.Tensor], Tuple[tf.Tensor, ...]]
@@ -64,15 +65,7 @@ class _BatchCompiled:
         the samples on its first axis; None when a non-batch dimension is unknown."""
         concrete = self._function.get_concrete_function(*batch_specs(args, None))
         self._primed = True
-        total = 0
-        for output in tf.nest.flatten(concrete.structured_outputs):
-            if output is None:  # e.g. no rows for a layer whose kernel is not watched
-                continue
-            shape = output.shape.as_list()[1:] if output.shape.rank else None
-            if shape is None or any(size is None for size in shape):
-                return None
-            total += int(np.prod(shape)) * output.dtype.size
-        return total
+        return bytes_per_sample(concrete.structured_outputs)
 
     def experimental_get_tracing_count(self) -> int:
         """Number of traces so far (as ``tf.function``'s)."""

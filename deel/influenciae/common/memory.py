@@ -17,6 +17,21 @@ def structure_bytes(structure: Any) -> int:
     return total
 
 
+def bytes_per_sample(structure: Any) -> Optional[int]:
+    """Bytes per sample of a structure of tensors, symbolic tensors or specs whose first axis is the samples'
+    (None entries skipped); None when a non-batch dimension is unknown."""
+    total = 0
+    for tensor in tf.nest.flatten(structure):
+        if tensor is None:
+            continue
+        shape = tf.TensorShape(tensor.shape)  # (tuples for Keras' symbolic tensors)
+        shape = shape.as_list()[1:] if shape.rank is not None else [None]
+        if any(size is None for size in shape):
+            return None
+        total += int(np.prod(shape)) * tf.as_dtype(tensor.dtype).size
+    return total
+
+
 # What one call on a merged batch may hold in layer outputs (see merged_batch_rows).
 MERGED_BATCH_BYTES = 32 * 1024 ** 2
 
@@ -30,11 +45,10 @@ def _layers_output_bytes(layers: Sequence[Any]) -> Optional[int]:
             outputs = tf.nest.flatten(layer.output)
         except (AttributeError, ValueError):
             return None
-        for output in outputs:
-            shape = tuple(output.shape)[1:]
-            if any(size is None for size in shape):
-                return None
-            total += int(np.prod(shape)) * tf.as_dtype(output.dtype).size
+        size = bytes_per_sample(outputs)
+        if size is None:
+            return None
+        total += size
         nested = getattr(layer, "layers", None)
         if nested:
             inner = _layers_output_bytes(nested)

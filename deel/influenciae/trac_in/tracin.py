@@ -190,7 +190,8 @@ class TracIn(BaseInfluenceCalculator):
             expected = per_sample * sum(first_dim(test_batch) for test_batch in test_batches)
             if not HELD_FACTORS_MIN_BYTES <= expected <= budget:
                 return None
-        held, held_bytes = [], 0
+            return [self._factored.held_test_factors(test_batch) for test_batch in test_batches]
+        held, held_bytes = [], 0  # sizes known only once computed
         for test_batch in test_batches:
             factors = self._factored.held_test_factors(test_batch)
             held_bytes += sum(int(tf.size(tensor)) * tensor.dtype.size for tensor in tf.nest.flatten(factors)
